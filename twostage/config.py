@@ -1,0 +1,331 @@
+"""Typed configuration for every stage, read from one ``twostage.toml``.
+
+Every default lives here, once. Precedence: these defaults < ``twostage.toml`` < explicit overrides
+(keyword arguments or CLI flags). Unknown sections or keys are errors with a did-you-mean suggestion,
+because a silently ignored typo is a silently wrong experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twostage.errors import ConfigError
+
+CONFIG_FILE = "twostage.toml"
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How items and users become text (DESIGN.md: every request is text).
+
+    ``item_template`` fields: ``{item_id}``, ``{title}``, ``{body}``, ``{categories}`` (joined by ", ") and any
+    key of the item's ``attrs``. ``user_template`` gets ``{history}``: the user's most recent
+    ``history_size`` items before the cut-off, newest first, each rendered with ``history_item_template``.
+    """
+
+    item_template: str = "{title}. {categories}. {body}"
+    user_template: str = "Recently: {history}"
+    history_item_template: str = "{title}"
+    history_size: int = 10
+    history_separator: str = "; "
+
+
+@dataclass(frozen=True)
+class RelevanceConfig:
+    """Maps behaviour to graded relevance (used for reranker labels and graded metrics).
+
+    ``event_grades`` gives a grade per event type (e.g. purchase 3, click 1). Events of type
+    ``rating_event`` are graded by ``rating_grades``: (threshold, grade) pairs, the first threshold the rating
+    reaches wins; below all thresholds the grade is ``min_grade``. A held-out interaction always counts as
+    relevant in evaluation (grade at least ``min_grade``), as in the standard implicit-feedback protocol.
+    """
+
+    event_grades: dict[str, float] = field(default_factory=dict)
+    rating_event: str = "rating"
+    rating_grades: tuple[tuple[float, float], ...] = ((4.5, 3.0), (4.0, 2.0))
+    min_grade: float = 1.0
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How events or judgments are divided into train / valid / test.
+
+    ``strategy``: ``leave-last-out`` (per user: last event → test, the one before → valid, rest → train),
+    ``ratio`` (``ratios`` over time or over users, see ``by``) or ``given`` (the judgments' own parts,
+    e.g. BEIR qrels train/dev/test). Users with fewer than ``min_events`` events stay in train only.
+    """
+
+    strategy: str = "leave-last-out"
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    by: str = "time"
+    min_events: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """Stage 1 bi-encoder: which model, how to encode, how to fine-tune."""
+
+    model: str = "default"
+    max_seq_length: int = 256
+    batch_size: int = 64
+    epochs: int = 1
+    train_batch_size: int = 32
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    hard_negatives: int = 0
+    max_train_pairs: int = 20000
+    eval_k: int = 100
+    eval_requests: int = 300
+    patience: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The FAISS index: a named build config from ``indexes/`` (or a factory string) and the recall depth."""
+
+    name: str = "default"
+    build: str = "flat"
+    depth: int = 100
+    use_gpu: bool | None = None
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    """Stage 2 cross-encoder: model, inference settings and listwise training."""
+
+    model: str = "default"
+    enabled: bool = True
+    max_length: int = 256
+    batch_size: int = 32
+    depth: int = 50
+    fusion_weight: float = 0.0
+    mmr_lambda: float | None = None
+    loss: str = "listnet"
+    list_size: int = 16
+    epochs: int = 1
+    train_batch_size: int = 4
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_train_requests: int = 400
+    eval_requests: int = 100
+    patience: int = 2
+    lora: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Offline evaluation: cut-offs, which metrics, how many bootstrap resamples."""
+
+    ks: tuple[int, ...] = (1, 5, 10, 100)
+    metrics: tuple[str, ...] = ("recall", "precision", "ndcg", "mrr", "map", "hit")
+    part: str = "test"
+    bootstrap: int = 2000
+    max_requests: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a project."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-able data (stored with every run)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def hash(self, *sections: str) -> str:
+        """A short stable hash of some sections (all when none named), for manifests and caches."""
+        data = self.to_dict()
+        picked = {s: data[s] for s in sections} if sections else data
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with dotted-key overrides applied, e.g. ``{"reranker.depth": 20}``."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise ConfigError("overrides are 'section.key'", key=dotted)
+            data.setdefault(section, {})[key] = value
+        return from_dict(data)
+
+
+def _suggest(name: str, choices: list[str]) -> str | None:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type hint, converting lists to tuples where the hint asks."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"expected a list, got {value!r}", key=key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"expected {len(args)} values, got {len(value)}", key=key)
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected a table, got {value!r}", key=key)
+        _, vtype = typing.get_args(hint)
+        return {str(k): _coerce(v, vtype, f"{key}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"expected a number, got {value!r}", key=key)
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", key=key)
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {value!r}", key=key)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", key=key)
+        return value
+    return value
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a validated Config from nested mappings (the parsed TOML)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError("unknown section", key=section, suggestion=_suggest(section, list(sections)))
+        if not isinstance(values, Mapping):
+            raise ConfigError("expected a table", key=section)
+        cls = sections[section].default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in hints:
+                raise ConfigError("unknown key", key=dotted, suggestion=_suggest(key, names))
+            kwargs[key] = _coerce(value, hints[key], dotted)
+        built[section] = cls(**kwargs)
+    config = Config(**built)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    choices = {
+        "split.strategy": (config.split.strategy, ["leave-last-out", "ratio", "given"]),
+        "split.by": (config.split.by, ["time", "user"]),
+        "reranker.loss": (config.reranker.loss, ["listnet", "lambdaloss", "listmle"]),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(
+                f"'{value}' is not one of {allowed}", key=key, suggestion=_suggest(value, allowed)
+            )
+    if abs(sum(config.split.ratios) - 1.0) > 1e-6:
+        raise ConfigError(f"ratios must sum to 1, got {sum(config.split.ratios)}", key="split.ratios")
+    if config.reranker.mmr_lambda is not None and not 0.0 <= config.reranker.mmr_lambda <= 1.0:
+        raise ConfigError("must be between 0 and 1", key="reranker.mmr_lambda")
+    if not 0.0 <= config.reranker.fusion_weight <= 1.0:
+        raise ConfigError("must be between 0 and 1", key="reranker.fusion_weight")
+    for key, value in (("index.depth", config.index.depth), ("reranker.depth", config.reranker.depth)):
+        if value < 1:
+            raise ConfigError("must be at least 1", key=key)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load ``twostage.toml`` (a file, or a project directory containing one); defaults when absent.
+
+    Example:
+        >>> load_config().reranker.loss
+        'listnet'
+    """
+    if path is None:
+        return Config()
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    if not path.exists():
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+DEFAULT_TOML = """\
+# twostage project configuration. Every key is optional; the values shown are the defaults.
+# See README.md ("Configuration") for what each key does.
+
+[text]
+item_template = "{title}. {categories}. {body}"
+user_template = "Recently: {history}"
+history_item_template = "{title}"
+history_size = 10
+
+[relevance]
+rating_event = "rating"
+rating_grades = [[4.5, 3.0], [4.0, 2.0]]
+min_grade = 1.0
+# event_grades = { purchase = 3.0, click = 1.0 }
+
+[split]
+strategy = "leave-last-out"   # or "ratio", "given"
+
+[retriever]
+model = "default"             # all-MiniLM-L6-v2 from the offline package; any HF name or local path
+epochs = 1
+
+[index]
+build = "flat"                # a config in indexes/ (flat, hnsw, ivf, ivfpq)
+depth = 100
+
+[reranker]
+model = "default"
+depth = 50
+loss = "listnet"              # or "lambdaloss", "listmle"
+
+[eval]
+ks = [1, 5, 10, 100]
+"""
