@@ -193,6 +193,8 @@ class Store:
             raise InputError("no such file", file=str(path))
         if path.is_dir():
             raise InputError("is a directory, expected a file", file=str(path))
+        if path.stat().st_size == 0:
+            raise InputError("file is empty", file=str(path))
         started = time.perf_counter()
         reader = _reader_sql(path)
         con = self.con

@@ -1,0 +1,255 @@
+"""Ingestion, validation (one transaction, file:row:column errors), splits and results in the DuckDB store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA
+
+from twostage.config import Config, RelevanceConfig, SplitConfig
+from twostage.errors import InputError, NotFoundError
+from twostage.store import Store
+
+ITEMS = "item_id,title,genres\n1,Heat (1995),Action|Crime\n2,Casino (1995),Crime|Drama\n3,Toy Story (1995),Animation\n"
+EVENTS = "user,item,rating,ts\nu1,1,5,100\nu1,2,3,200\nu1,3,4,300\nu2,1,4,150\nu2,3,2,250\nu2,2,5,260\n"
+EVENT_MAP = {"user_id": "user", "item_id": "item", "value": "rating"}
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    s = Store(tmp_path / "p.duckdb")
+    s.ingest(write(tmp_path, "items.csv", ITEMS), "items", mapping={"categories": "genres"})
+    s.ingest(write(tmp_path, "events.csv", EVENTS), "events", mapping=EVENT_MAP, event="rating")
+    return s
+
+
+def snapshot(store: Store) -> dict[str, list]:
+    tables = ("items", "events", "queries", "judgments", "rejects")
+    out = {}
+    for t in tables:
+        cols = f"* EXCLUDE ({_volatile(t)})" if t in ("items", "rejects") else "*"
+        out[t] = sorted(map(str, store.con.execute(f"SELECT {cols} FROM {t}").fetchall()))
+    return out
+
+
+def _volatile(table: str) -> str:
+    return {"items": "updated_at", "rejects": "ingested_at"}[table]
+
+
+def test_ingest_items_and_events(store):
+    assert store.count("items") == 3
+    assert store.count("events") == 6
+    heat = store.items(["1"])[0]
+    assert heat["title"] == "Heat (1995)"
+    assert heat["categories"] == ["Action", "Crime"]
+    ts = store.con.execute("SELECT ts FROM events WHERE user_id = 'u1' AND item_id = '1'").fetchone()[0]
+    assert str(ts) == "1970-01-01 00:01:40"
+
+
+def test_reingest_items_updates_and_events_append(store, tmp_path):
+    store.ingest(write(tmp_path, "items2.csv", "item_id,title\n1,Heat (1995 remaster)\n4,New\n"), "items")
+    assert store.count("items") == 4
+    assert store.items(["1"])[0]["title"] == "Heat (1995 remaster)"
+    store.ingest(
+        write(tmp_path, "e2.csv", "user,item,ts\nu3,4,500\n"),
+        "events",
+        mapping={"user_id": "user", "item_id": "item"},
+    )
+    assert store.count("events") == 7
+
+
+def test_extra_columns_go_to_attrs(tmp_path):
+    s = Store(":memory:")
+    s.ingest(write(tmp_path, "i.csv", "item_id,title,brand\nA,Shoe,acme\n"), "items")
+    assert s.items(["A"])[0]["attrs"] == {"brand": "acme"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "content", "mapping", "expected"),
+    [
+        (
+            "items",
+            "missing_col.csv",
+            "id,title\n1,x\n",
+            None,
+            "missing_col.csv:item_id: required column missing",
+        ),
+        (
+            "events",
+            "bad_type.csv",
+            "user,item,rating,ts\nu1,1,5,100\nu1,2,five,200\n",
+            EVENT_MAP,
+            "bad_type.csv:row 2:rating: not a number: five",
+        ),
+        (
+            "events",
+            "bad_ts.csv",
+            "user,item,rating,ts\nu1,1,5,yesterday\n",
+            EVENT_MAP,
+            "bad_ts.csv:row 1:ts: not a timestamp",
+        ),
+        (
+            "items",
+            "dup.csv",
+            "item_id,title\n7,a\n8,b\n7,c\n",
+            None,
+            "dup.csv:row 3:item_id: duplicate item_id 7 (first at row 1)",
+        ),
+        (
+            "events",
+            "unknown.csv",
+            "user,item,rating,ts\nu1,1,5,100\nu9,99,4,100\n",
+            EVENT_MAP,
+            "unknown.csv:row 2:item: unknown item_id 99",
+        ),
+        (
+            "events",
+            "missing_val.csv",
+            "user,item,rating,ts\n,1,5,100\n",
+            EVENT_MAP,
+            "missing_val.csv:row 1:user: missing value",
+        ),
+        ("items", "empty.csv", "", None, "empty.csv: file is empty"),
+        ("items", "header_only.csv", "item_id,title\n", None, "header_only.csv: file has no data rows"),
+        ("items", "latin1.csv", "item_id,title\n1,ok\n2,Caf\xe9\n".encode("latin-1"), None, "latin1.csv"),
+    ],
+)
+def test_bad_input_fails_with_location_and_changes_nothing(
+    store, tmp_path, kind, name, content, mapping, expected
+):
+    before = snapshot(store)
+    path = write(tmp_path, name, content)
+    with pytest.raises(InputError) as err:
+        store.ingest(path, kind, mapping=mapping, event="rating")
+    message = str(err.value)
+    assert "\n" not in message
+    assert expected in message
+    assert str(path) in message
+    assert snapshot(store) == before
+
+
+def test_non_utf8_names_encoding(store, tmp_path):
+    path = write(tmp_path, "latin1.csv", "item_id,title\n1,ok\n2,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        store.ingest(path, "items")
+
+
+def test_missing_path(store, tmp_path):
+    before = snapshot(store)
+    with pytest.raises(InputError, match=r"nope\.csv: no such file"):
+        store.ingest(tmp_path / "nope.csv", "items")
+    assert snapshot(store) == before
+
+
+def test_keep_rejects_loads_good_rows(store, tmp_path):
+    path = write(
+        tmp_path, "mixed.csv", "user,item,rating,ts\nu3,1,5,100\nu3,99,4,100\nu3,2,x,100\nu3,3,1,400\n"
+    )
+    report = store.ingest(path, "events", mapping=EVENT_MAP, keep_rejects=True, event="rating")
+    assert (report.rows, report.rejected) == (2, 2)
+    assert store.count("events") == 8
+    rejects = store.con.execute('SELECT "row", "column" FROM rejects ORDER BY "row"').fetchall()
+    assert rejects == [(2, "item"), (3, "rating")]
+
+
+def test_jsonl_and_parquet_readers(tmp_path):
+    s = Store(":memory:")
+    lines = [
+        {"_id": "d1", "title": "T", "text": "body", "categories": ["a", "b"]},
+        {"_id": "d2", "title": "U", "text": "x"},
+    ]
+    path = write(tmp_path, "c.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    s.ingest(path, "items", mapping={"item_id": "_id", "body": "text"})
+    assert s.items(["d1"])[0]["categories"] == ["a", "b"]
+    s.con.execute(
+        f"COPY (SELECT 'u1' AS user_id, 'd1' AS item_id, TIMESTAMP '2020-01-01' AS ts) TO '{tmp_path / 'e.parquet'}'"
+    )
+    s.ingest(tmp_path / "e.parquet", "events")
+    assert s.count("events") == 1
+
+
+def test_leave_last_out_split_never_leaks(store):
+    counts = store.split(SplitConfig(), RelevanceConfig())
+    assert counts == {"test": 2, "valid": 2}
+    assert store.targets("leave-last-out", "test") == {"u1": {"3": 2.0}, "u2": {"2": 3.0}}
+    assert store.targets("leave-last-out", "valid") == {"u1": {"2": 1.0}, "u2": {"3": 1.0}}
+    hist = store.histories(["u1", "u2"], cutoffs=store.cutoffs("leave-last-out", "test"))
+    assert hist == {"u1": ["2", "1"], "u2": ["3", "1"]}
+    hist = store.histories(["u1"], cutoffs=store.cutoffs("leave-last-out", "valid"))
+    assert hist == {"u1": ["1"]}
+    train = store.train_events("leave-last-out", RelevanceConfig())
+    assert [(u, i) for u, i, *_ in train] == [("u1", "1"), ("u2", "1")]
+
+
+def test_ratio_split_by_time(store):
+    counts = store.split(SplitConfig(strategy="ratio", ratios=(0.5, 0.25, 0.25)), RelevanceConfig(), name="r")
+    assert sum(counts.values()) >= 2
+    # everything held out is later than everything trained on
+    train_max = max(ts for *_, ts, _ in store.train_events("r", RelevanceConfig()))
+    held_min = store.con.execute("SELECT min(cutoff_ts) FROM splits WHERE split = 'r'").fetchone()[0]
+    assert train_max <= held_min
+
+
+def test_given_split_needs_judgments(store):
+    with pytest.raises(NotFoundError, match="judgments"):
+        store.split(SplitConfig(strategy="given"), RelevanceConfig())
+
+
+def test_results_roundtrip(store):
+    run = store.new_run("test", Config().to_dict())
+    n = store.write_results(run, "recall", {"u1": [("1", 0.9), ("2", 0.5)], "u2": [("3", 0.1)]})
+    assert n == 3
+    rows = store.con.execute("SELECT request_id, item_id, rank FROM results ORDER BY 1, 3").fetchall()
+    assert rows == [("u1", "1", 1), ("u1", "2", 2), ("u2", "3", 1)]
+
+
+@pytest.mark.slow
+def test_real_datasets_row_counts(tmp_path):
+    from twostage.datasets import load_beir, load_movielens
+
+    if not SHARED_DATA.exists():
+        pytest.skip("shared data not present")
+    s = Store(tmp_path / "real.duckdb")
+    load_movielens(s, SHARED_DATA / "ml-latest-small")
+    assert s.count("items") == 9742
+    assert s.count("events") == 100836
+    assert s.stats()["users"] == 610
+    b = Store(tmp_path / "beir.duckdb")
+    load_beir(b, SHARED_DATA / "scifact")
+    assert b.count("items") == 5183
+    assert b.count("queries") == 1109
+    parts = dict(b.con.execute("SELECT part, count(*) FROM judgments GROUP BY 1").fetchall())
+    assert parts == {"test": 339, "train": 919}
+    assert (
+        b.con.execute("SELECT count(DISTINCT query_id) FROM judgments WHERE part = 'test'").fetchone()[0]
+        == 300
+    )
+
+
+def test_full_ratings_ingest_is_fast(tmp_path):
+    import time
+
+    if not SHARED_DATA.exists():
+        pytest.skip("shared data not present")
+    s = Store(tmp_path / "t.duckdb")
+    ml = SHARED_DATA / "ml-latest-small"
+    s.ingest(ml / "movies.csv", "items", mapping={"item_id": "movieId"})
+    started = time.perf_counter()
+    s.ingest(
+        ml / "ratings.csv",
+        "events",
+        mapping={"user_id": "userId", "item_id": "movieId", "value": "rating", "ts": "timestamp"},
+    )
+    assert time.perf_counter() - started < 10
+    assert s.count("events") == 100836
