@@ -15,7 +15,9 @@ class TwostageError(Exception):
 class InputError(TwostageError, ValueError):
     """A data file is bad: the message names file, row (1-based data row, header excluded) and column."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None, column: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | None = None, row: int | None = None, column: str | None = None
+    ):
         self.file, self.row, self.column = file, row, column
         where = ":".join(str(p) for p in (file, f"row {row}" if row is not None else None, column) if p)
         super().__init__(f"{where}: {message}" if where else message)
