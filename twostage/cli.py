@@ -86,9 +86,14 @@ def _mapping(pairs: tuple[str, ...]) -> dict[str, str]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--project", "-p", default=".", envvar="TWOSTAGE_PROJECT", show_default=True, type=click.Path(file_okay=False),
+    "--project",
+    "-p",
+    default=".",
+    envvar="TWOSTAGE_PROJECT",
+    show_default=True,
+    type=click.Path(file_okay=False),
     help="Project directory (holds twostage.toml and twostage.duckdb).",
-)  # fmt: skip
+)
 @click.version_option(package_name="twostage")
 @click.pass_context
 def cli(ctx: click.Context, project: str) -> None:
@@ -119,11 +124,14 @@ def _print_reports(out: Output, reports: list) -> None:
     out.result(
         reports,
         lambda: [
-            click.echo(f"{r.kind}: {r.rows} rows from {r.file}" + (f", {r.rejected} rejected" if r.rejected else "")
-                       + f" ({r.seconds:.2f}s)")
+            click.echo(
+                f"{r.kind}: {r.rows} rows from {r.file}"
+                + (f", {r.rejected} rejected" if r.rejected else "")
+                + f" ({r.seconds:.2f}s)"
+            )
             for r in reports
         ],
-    )  # fmt: skip
+    )
 
 
 @cli.command()
@@ -210,6 +218,227 @@ def sql(ctx, query, out: Output) -> None:
     """
     columns, rows = _engine(ctx, out).sql(query)
     out.result([dict(zip(columns, r, strict=True)) for r in rows], lambda: _table(columns, rows))
+
+
+@cli.group()
+def train() -> None:
+    """Fine-tune the stage-1 bi-encoder or the stage-2 cross-encoder on the project's split."""
+
+
+@train.command("retriever")
+@click.option("--split", "split_name", help="Split to train on (default: the config's).")
+@click.option("--epochs", type=int, help="Override [retriever] epochs.")
+@output_options
+@click.pass_context
+def train_retriever(ctx, split_name, epochs, out: Output) -> None:
+    """Fine-tune the bi-encoder (MultipleNegativesRankingLoss, early stopping on validation recall@K).
+
+    Example: twostage train retriever --epochs 2
+    """
+    engine = _engine(ctx, out, overrides={"retriever.epochs": epochs} if epochs else None)
+    result = engine.train_retriever(split=split_name)
+    out.result(
+        result,
+        f"Saved {result.model_path} (best validation {result.best_metric}, {result.steps} steps, {result.seconds:.0f}s)",
+    )
+
+
+@train.command("reranker")
+@click.option("--split", "split_name", help="Split to train on (default: the config's).")
+@click.option(
+    "--loss", type=click.Choice(["listnet", "lambdaloss", "listmle"]), help="Override [reranker] loss."
+)
+@click.option("--epochs", type=int, help="Override [reranker] epochs.")
+@output_options
+@click.pass_context
+def train_reranker(ctx, split_name, loss, epochs, out: Output) -> None:
+    """Fine-tune the cross-encoder listwise on stage-1 candidate lists (early stopping on validation NDCG@10).
+
+    Example: twostage train reranker --loss listnet
+    """
+    overrides = {k: v for k, v in {"reranker.loss": loss, "reranker.epochs": epochs}.items() if v}
+    result = _engine(ctx, out, overrides=overrides).train_reranker(split=split_name)
+    out.result(
+        result,
+        f"Saved {result.model_path} (best validation nDCG@10 {result.best_metric}, {result.steps} steps, {result.seconds:.0f}s)",
+    )
+
+
+@cli.group()
+def index() -> None:
+    """Build, update and inspect the FAISS index of item embeddings."""
+
+
+@index.command("build")
+@click.option("--name", help="Index name (default: [index] name).")
+@click.option(
+    "--build", "build_name", help="Build config from indexes/ (flat, hnsw, ivf, ivfpq) or a factory string."
+)
+@output_options
+@click.pass_context
+def index_build(ctx, name, build_name, out: Output) -> None:
+    """Encode every item with the current bi-encoder and write the index atomically.
+
+    Example: twostage index build --build hnsw
+    """
+    manifest = _engine(ctx, out).build_index(name, build=build_name)
+    out.result(manifest, f"Built {manifest.get('factory')} index of {manifest.get('count')} items")
+
+
+@index.command("add")
+@click.argument("item_ids", nargs=-1)
+@click.option("--name", help="Index name.")
+@output_options
+@click.pass_context
+def index_add(ctx, item_ids, name, out: Output) -> None:
+    """Add or re-encode items (all items missing from the index when none are named), without a rebuild.
+
+    Example: twostage index add 193609 193587
+    """
+    manifest = _engine(ctx, out).update_index(list(item_ids) or None, name=name)
+    out.result(manifest, f"Index now holds {manifest.get('count')} items")
+
+
+@index.command("remove")
+@click.argument("item_ids", nargs=-1, required=True)
+@click.option("--name", help="Index name.")
+@output_options
+@click.pass_context
+def index_remove(ctx, item_ids, name, out: Output) -> None:
+    """Remove items from the index without a rebuild.
+
+    Example: twostage index remove 193609
+    """
+    manifest = _engine(ctx, out).update_index([], remove=list(item_ids), name=name)
+    out.result(manifest, f"Index now holds {manifest.get('count')} items")
+
+
+@index.command("info")
+@click.option("--name", help="Index name.")
+@output_options
+@click.pass_context
+def index_info(ctx, name, out: Output) -> None:
+    """Show the index manifest (model fingerprint, factory, count, ...), checked against the current model.
+
+    Example: twostage index info --json
+    """
+    manifest = dict(_engine(ctx, out).index(name).manifest)
+    out.result(manifest, lambda: [click.echo(f"{k:18} {v}") for k, v in manifest.items()])
+
+
+def _print_ranking(out: Output, ranking) -> None:
+    def human() -> None:
+        click.echo(f"request: {ranking.request_text}")
+        for h in ranking.hits:
+            rr = "" if h.rerank_score is None else f"  rerank {h.rerank_score:+.3f}"
+            click.echo(f"{h.rank:3}. {h.item_id:>10}  {h.title[:60]:60}  recall {h.recall_score:.3f}{rr}")
+            if h.explanation:
+                for d in h.explanation.get("drivers", []):
+                    click.echo(
+                        f"       because: {d['title'][:50]} (score drop {d['score_drop']:+.3f}, similarity {d['similarity']:.2f})"
+                    )
+                for t in h.explanation.get("terms", []):
+                    if t.get("score_drop") is not None:
+                        click.echo(f"       term: {t['term']} (score drop {t['score_drop']:+.3f})")
+
+    out.result(ranking, human)
+
+
+@cli.command()
+@click.argument("text")
+@click.option("-k", default=10, show_default=True, help="Results to return.")
+@click.option("--stage", type=click.Choice(["rerank", "recall"]), default="rerank", show_default=True)
+@click.option("--explain", is_flag=True, help="Show the query terms that drive each hit.")
+@output_options
+@click.pass_context
+def query(ctx, text, k, stage, explain, out: Output) -> None:
+    """Search the catalogue with a text query (both stages by default).
+
+    Example: twostage query "vitamin D and bone density" -k 5 --explain
+    """
+    _print_ranking(out, _engine(ctx, out).search(text, k, stage=stage, explain=explain))
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("-k", default=10, show_default=True, help="Items to return.")
+@click.option("--stage", type=click.Choice(["rerank", "recall"]), default="rerank", show_default=True)
+@click.option("--explain", is_flag=True, help="Show which history items drove each recommendation.")
+@click.option("--diversify", type=click.FloatRange(0, 1), help="MMR λ (1 = none, lower = more diverse).")
+@output_options
+@click.pass_context
+def recommend(ctx, user_id, k, stage, explain, diversify, out: Output) -> None:
+    """Recommend items for a user from their history (both stages by default).
+
+    Example: twostage recommend 42 -k 5 --explain
+    """
+    _print_ranking(
+        out, _engine(ctx, out).recommend(user_id, k, stage=stage, explain=explain, diversify=diversify)
+    )
+
+
+@cli.command()
+@click.option("--split", "split_name", help="Split (default: the config's).")
+@click.option("--part", help="Held-out part (default: [eval] part, 'test').")
+@click.option("--max-requests", type=int, help="Evaluate only the first N requests.")
+@click.option("--no-baselines", is_flag=True, help="Skip popularity / BM25 / zero-shot baselines.")
+@click.option(
+    "--mmr", "mmr_lambdas", multiple=True, type=float, help="Also evaluate MMR at this λ (repeatable)."
+)
+@click.option("--report", type=click.Path(dir_okay=False), help="Write an HTML report with plots here.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@output_options
+@click.pass_context
+def evaluate(
+    ctx, split_name, part, max_requests, no_baselines, mmr_lambdas, report, output, out: Output
+) -> None:
+    """Evaluate baselines, stage 1 and the full pipeline; metrics table, JSON, optional HTML report.
+
+    Example: twostage evaluate --report report.html --mmr 0.9 --mmr 0.7
+    """
+    result = _engine(ctx, out).evaluate(
+        split=split_name,
+        part=part,
+        baselines=not no_baselines,
+        max_requests=max_requests,
+        mmr_lambdas=tuple(mmr_lambdas),
+        report=report,
+    )
+    if output:
+        Path(output).write_text(
+            json.dumps(_jsonable(result.to_dict()), indent=2, default=str), encoding="utf-8"
+        )
+    out.result(result.to_dict(), lambda: _print_eval(result))
+
+
+def _print_eval(result) -> None:
+    click.echo(
+        f"split {result.split}/{result.part}: {result.rows[0].n_requests if result.rows else 0} requests"
+    )
+    click.echo(result.table())
+    for c in result.comparisons:
+        if c["metric"].startswith(("nDCG@10", "R@100")):
+            click.echo(
+                f"{c['b']} vs {c['a']}: {c['metric']} {c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] p={c['p_value']:.3g}"
+            )
+
+
+@cli.command()
+@click.option(
+    "--project", "demo_dir", default="demo-project", show_default=True, type=click.Path(file_okay=False)
+)
+@output_options
+@click.pass_context
+def demo(ctx, demo_dir, out: Output) -> None:
+    """Run the whole pipeline on the bundled sample and print metrics and explained recommendations.
+
+    Ingest → split → fine-tune retriever → build index → train reranker → evaluate against baselines.
+    Example: twostage demo --project /tmp/demo
+    """
+    from twostage.demo import run_demo
+
+    result = run_demo(demo_dir, progress=not out.quiet and not out.as_json, echo=out.info)
+    out.result(result, lambda: click.echo(result["text"]))
 
 
 def _table(columns: list[str], rows: list[tuple]) -> None:

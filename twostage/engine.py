@@ -10,11 +10,20 @@ import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twostage.config import CONFIG_FILE, DEFAULT_TOML, Config, load_config
 from twostage.errors import NotFoundError, TwostageError
+from twostage.requests import Catalogue, Request, live_user_request
+from twostage.results import Hit, Ranking
 from twostage.store import IngestReport, Store
+
+if TYPE_CHECKING:
+    from twostage.encoders import BiEncoder
+    from twostage.evaluate import EvalReport
+    from twostage.index import VectorIndex
+    from twostage.pipeline import Pipeline
+    from twostage.rerank import Reranker
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,11 @@ class Engine:
         self.progress = progress
         self._store: Store | None = None
         self._lock = threading.RLock()
+        self._catalogue: Catalogue | None = None
+        self._encoders: dict[str, BiEncoder] = {}
+        self._rerankers: dict[str, Reranker] = {}
+        self._indexes: dict[str, VectorIndex] = {}
+        self._pipeline: Pipeline | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -88,7 +102,9 @@ class Engine:
     # ------------------------------------------------------------------ data
     def ingest(self, path: str | Path, kind: str, **options: Any) -> IngestReport:
         """Ingest one file; see :meth:`twostage.store.Store.ingest` for the options."""
-        return self.store.ingest(path, kind, **options)
+        report = self.store.ingest(path, kind, **options)
+        self._forget_items()
+        return report
 
     def load_dataset(self, layout: str, path: str | Path | None = None) -> list[IngestReport]:
         """Ingest a known layout: ``movielens`` or ``beir`` folder, or the bundled ``sample``."""
@@ -98,7 +114,14 @@ class Engine:
             raise TwostageError(f"unknown dataset layout '{layout}'; use one of {', '.join(LOADERS)}")
         if path is None and layout != "sample":
             raise TwostageError(f"the {layout} layout needs a PATH to its folder")
-        return LOADERS[layout](self.store, path)
+        reports = LOADERS[layout](self.store, path)
+        self._forget_items()
+        return reports
+
+    def _forget_items(self) -> None:
+        with self._lock:
+            self._catalogue = None
+            self._pipeline = None
 
     def split(self, strategy: str | None = None, *, name: str | None = None) -> dict[str, int]:
         """Make the train/valid/test split (config ``[split]``, or ``strategy`` to override it)."""
@@ -122,3 +145,409 @@ class Engine:
         if not names:
             raise NotFoundError("no split yet; run 'twostage split' first")
         raise NotFoundError(f"several splits ({', '.join(names)}); name one with --split")
+
+    # ------------------------------------------------------------------ models and index
+    def models_dir(self, which: str) -> Path:
+        return self.project_dir / "models" / which
+
+    def catalogue(self) -> Catalogue:
+        """All items with their texts (item template), loaded once per engine."""
+        with self._lock:
+            if self._catalogue is None:
+                catalogue = Catalogue.from_store(self.store, self.config.text.item_template)
+                if not len(catalogue):
+                    raise NotFoundError("the store has no items; ingest items first")
+                self._catalogue = catalogue
+            return self._catalogue
+
+    def retriever(self, *, base: bool = False) -> BiEncoder:
+        """The bi-encoder: the project's fine-tuned one when it exists (unless ``base``), else the configured model."""
+        from twostage.encoders import BiEncoder
+
+        trained = self.models_dir("retriever")
+        source = str(trained) if trained.exists() and not base else self.config.retriever.model
+        with self._lock:
+            if source not in self._encoders:
+                self._encoders[source] = BiEncoder(
+                    None if source == "default" else source,
+                    max_seq_length=self.config.retriever.max_seq_length,
+                    batch_size=self.config.retriever.batch_size,
+                )
+            return self._encoders[source]
+
+    def reranker(self, *, base: bool = False) -> Reranker | None:
+        """The cross-encoder: the project's trained one, or a configured non-default model; None if neither.
+
+        The default base has an untrained head, so it is only used when asked for with ``base=True``.
+        """
+        from twostage.rerank import Reranker
+
+        cfg = self.config.reranker
+        trained = self.models_dir("reranker")
+        if base:
+            source = cfg.model
+        elif trained.exists():
+            source = str(trained)
+        elif cfg.model != "default":
+            source = cfg.model
+        else:
+            return None
+        with self._lock:
+            if source not in self._rerankers:
+                self._rerankers[source] = Reranker(
+                    None if source == "default" else source,
+                    max_length=cfg.max_length,
+                    batch_size=cfg.batch_size,
+                )
+            return self._rerankers[source]
+
+    def index_dir(self, name: str | None = None) -> Path:
+        return self.project_dir / "indexes" / (name or self.config.index.name)
+
+    def _index_expect(self, encoder: BiEncoder) -> dict[str, Any]:
+        return {
+            "model_fingerprint": encoder.fingerprint,
+            "dim": encoder.dim,
+            "config_hash": self.config.hash("text"),
+        }
+
+    def item_vectors(self, encoder: BiEncoder, item_ids: list[str] | None = None) -> tuple[list[str], Any]:
+        """Embeddings of catalogue items, through the project's embedding cache (only changed texts re-encode)."""
+        from twostage.encoders import EmbeddingCache, encode_cached
+
+        catalogue = self.catalogue()
+        ids = item_ids if item_ids is not None else catalogue.item_ids
+        cache = EmbeddingCache(self.project_dir / "cache" / "embeddings")
+        vecs = encode_cached(encoder, [catalogue.text(i) for i in ids], cache, progress=self.progress)
+        return ids, vecs
+
+    def build_index(self, name: str | None = None, *, build: str | None = None) -> dict[str, Any]:
+        """Encode every item with the current bi-encoder and write a FAISS index atomically; returns its manifest."""
+        from twostage.index import VectorIndex, load_spec
+
+        encoder = self.retriever()
+        ids, vecs = self.item_vectors(encoder)
+        spec = load_spec(build or self.config.index.build)
+        index = VectorIndex.build(
+            ids,
+            vecs,
+            spec,
+            model_fingerprint=encoder.fingerprint,
+            use_gpu=self.config.index.use_gpu,
+            config_hash=self.config.hash("text"),
+            progress=self.progress,
+        )
+        index.save(self.index_dir(name))
+        with self._lock:
+            self._indexes.pop(str(self.index_dir(name)), None)
+            self._pipeline = None
+        return dict(index.manifest)
+
+    def update_index(
+        self, item_ids: list[str] | None = None, *, remove: list[str] | None = None, name: str | None = None
+    ) -> dict[str, Any]:
+        """Add or re-encode ``item_ids`` (all changed items when None) and drop ``remove``, without a full rebuild."""
+        index = self.index(name)
+        catalogue = self.catalogue()
+        if remove:
+            index.remove(remove)
+        if item_ids is None:
+            item_ids = [i for i in catalogue.item_ids if i not in set(index.item_ids)]
+        if item_ids:
+            unknown = [i for i in item_ids if i not in catalogue]
+            if unknown:
+                raise NotFoundError(f"unknown item_id '{unknown[0]}'; ingest it first")
+            ids, vecs = self.item_vectors(self.retriever(), item_ids)
+            index.upsert(ids, vecs)
+        index.save(self.index_dir(name))
+        with self._lock:
+            self._pipeline = None
+        return dict(index.manifest)
+
+    def index(self, name: str | None = None) -> VectorIndex:
+        """The saved index, checked against the current bi-encoder and text config."""
+        from twostage.index import VectorIndex
+
+        path = self.index_dir(name)
+        key = str(path)
+        with self._lock:
+            if key not in self._indexes:
+                if not path.exists():
+                    raise NotFoundError(f"no index at {path}; build one with 'twostage index build'")
+                self._indexes[key] = VectorIndex.load(path, expect=self._index_expect(self.retriever()))
+            return self._indexes[key]
+
+    def pipeline(self) -> Pipeline:
+        """Recall + rerank with the project's current models and index (built once, shared by threads)."""
+        from twostage.pipeline import Pipeline
+
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = Pipeline(
+                    encoder=self.retriever(),
+                    index=self.index(),
+                    catalogue=self.catalogue(),
+                    reranker=self.reranker(),
+                    fusion_weight=self.config.reranker.fusion_weight,
+                )
+            return self._pipeline
+
+    # ------------------------------------------------------------------ serving
+    def search(self, text: str, k: int = 10, *, stage: str = "rerank", explain: bool = False) -> Ranking:
+        """Answer a text query with both stages (``stage="recall"`` stops after stage 1).
+
+        Example:
+            >>> engine.search("protein folding in yeast", k=5).hits[0].item_id  # doctest: +SKIP
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise TwostageError("empty query; give some text to search for")
+        return self._serve(Request("query", text.strip()), k, stage=stage, explain=explain, diversify=None)
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        stage: str = "rerank",
+        explain: bool = False,
+        diversify: float | None = None,
+    ) -> Ranking:
+        """Recommend items for a known user from their history (items they have are never returned).
+
+        Args:
+            user_id: a user with events in the store.
+            k: number of items.
+            stage: "rerank" (both stages) or "recall" (stage 1 only).
+            explain: attach to each hit the history items that drove it (leave-one-out on the context).
+            diversify: MMR λ in [0, 1] (1 = no diversification); None uses the config's ``reranker.mmr_lambda``.
+        """
+        request = live_user_request(self.store, self.catalogue(), self.config.text, str(user_id))
+        lam = self.config.reranker.mmr_lambda if diversify is None else diversify
+        return self._serve(request, k, stage=stage, explain=explain, diversify=lam)
+
+    def _serve(
+        self, request: Request, k: int, *, stage: str, explain: bool, diversify: float | None
+    ) -> Ranking:
+        if k < 1:
+            raise TwostageError(f"k must be at least 1, got {k}")
+        if stage not in ("recall", "rerank"):
+            raise TwostageError(f"unknown stage '{stage}'; use 'recall' or 'rerank'")
+        pipe = self.pipeline()
+        catalogue = self.catalogue()
+        depth = max(self.config.index.depth, k)
+        candidates = pipe.recall([request], depth)[0]
+        recall_scores = dict(candidates)
+        use_rerank = stage == "rerank" and pipe.reranker is not None
+        if use_rerank:
+            rerank_depth = max(self.config.reranker.depth, k)
+            reranked = pipe.rerank([request], [candidates], rerank_depth)[0]
+            ordered = [(h.item_id, h.score, h.rerank_score) for h in reranked]
+        else:
+            ordered = [(i, s, None) for i, s in candidates]
+        if diversify is not None and diversify < 1.0 and len(ordered) > k:
+            ordered = self._diversify(ordered, k, diversify)
+        ordered = ordered[:k]
+        explanations = self._explain(request, ordered, use_rerank) if explain else {}
+        hits = tuple(
+            Hit(
+                item_id=i,
+                score=float(s),
+                rank=n,
+                stage="rerank" if use_rerank else "recall",
+                title=catalogue.title(i),
+                recall_score=float(recall_scores.get(i, float("nan"))),
+                rerank_score=None if r is None else float(r),
+                explanation=explanations.get(i),
+            )
+            for n, (i, s, r) in enumerate(ordered, start=1)
+        )
+        return Ranking(request.request_id, request.text, hits)
+
+    def _diversify(self, ordered: list[tuple[str, float, float | None]], k: int, lam: float) -> list:
+        import numpy as np
+
+        from twostage.rerank import mmr
+
+        vecs = self.index().vectors([i for i, _, _ in ordered])
+        picked = mmr(vecs, np.asarray([s for _, s, _ in ordered], dtype=np.float32), k=k, lam=lam)
+        return [ordered[p] for p in picked]
+
+    def _explain(self, request: Request, ordered: list, use_rerank: bool) -> dict[str, dict[str, Any]]:
+        from twostage.explain import explain_hits
+
+        return explain_hits(self, request, [i for i, _, _ in ordered], use_rerank=use_rerank)
+
+    # ------------------------------------------------------------------ training
+    def _record_run(self, kind: str, fingerprint: str | None, extra: dict[str, Any] | None = None) -> str:
+        return self.store.new_run(kind, {**self.config.to_dict(), **(extra or {})}, fingerprint)
+
+    def _replace_model_dir(self, which: str, trained: Path) -> Path:
+        """Move a freshly trained model into place atomically (old one aside, new one in, old one removed)."""
+        import shutil
+
+        target = self.models_dir(which)
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        trained.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        with self._lock:
+            self._encoders.clear()
+            self._rerankers.clear()
+            self._indexes.clear()
+            self._pipeline = None
+        return target
+
+    def train_retriever(self, *, split: str | None = None) -> Any:
+        """Fine-tune the bi-encoder on the train side of a split (MultipleNegativesRankingLoss, early stopping
+        on validation recall@K); saves it as the project's retriever. Rebuild the index afterwards."""
+        import tempfile
+
+        from twostage.train.examples import retriever_pairs, validation_set
+        from twostage.train.retriever import train_retriever
+
+        split = split or self.default_split()
+        cfg = self.config.retriever
+        catalogue = self.catalogue()
+        pairs = retriever_pairs(self.store, catalogue, self.config, split=split)
+        val = validation_set(self.store, catalogue, self.config, split=split, max_requests=cfg.eval_requests)
+        self.models_dir("retriever").parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".retriever-", dir=self.models_dir("retriever").parent))
+        result = train_retriever(
+            pairs,
+            output_dir=work / "model",
+            base_model=None if cfg.model == "default" else cfg.model,
+            val_queries={r.request_id: r.text for r in val.requests} or None,
+            val_corpus=dict(catalogue.texts) if val.requests else None,
+            val_relevant={q: set(rel) for q, rel in val.relevant.items()} if val.requests else None,
+            epochs=cfg.epochs,
+            batch_size=cfg.train_batch_size,
+            learning_rate=cfg.learning_rate,
+            warmup_ratio=cfg.warmup_ratio,
+            hard_negatives=cfg.hard_negatives,
+            negative_corpus=list(catalogue.texts.values()) if cfg.hard_negatives else None,
+            eval_k=cfg.eval_k,
+            patience=cfg.patience,
+            max_seq_length=cfg.max_seq_length,
+            seed=cfg.seed,
+            progress=self.progress,
+        )
+        target = self._replace_model_dir("retriever", work / "model")
+        work.rmdir()
+        self._record_run(
+            "train-retriever",
+            result.fingerprint,
+            {"split": split, "pairs": len(pairs), "metrics": dict(result.metrics)},
+        )
+        return _with_path(result, target)
+
+    def _candidate_lists(self, requests: list[Request], depth: int) -> list[list[tuple[str, str]]]:
+        catalogue = self.catalogue()
+        found = self.pipeline().recall(requests, depth, progress=self.progress)
+        return [[(i, catalogue.text(i)) for i, _ in cands] for cands in found]
+
+    def train_reranker(self, *, split: str | None = None) -> Any:
+        """Fine-tune the cross-encoder listwise on stage-1 candidate lists (positives ensured in each list);
+        early stopping on validation NDCG@10; saves it as the project's reranker."""
+        import tempfile
+
+        from twostage.train.examples import reranker_requests, validation_set
+        from twostage.train.reranker import make_lists, train_reranker
+
+        split = split or self.default_split()
+        cfg = self.config.reranker
+        catalogue = self.catalogue()
+        labelled = reranker_requests(
+            self.store,
+            catalogue,
+            self.config,
+            split=split,
+            max_requests=cfg.max_train_requests,
+            seed=cfg.seed,
+        )
+        if not labelled:
+            raise NotFoundError(f"split '{split}' gives no reranker training requests")
+        reqs = [x.request for x in labelled]
+        train_lists = make_lists(
+            (
+                (r.text, c, x.positives)
+                for r, c, x in zip(reqs, self._candidate_lists(reqs, cfg.list_size), labelled, strict=True)
+            ),
+            list_size=cfg.list_size,
+            item_texts=catalogue.texts,
+        )
+        val = validation_set(self.store, catalogue, self.config, split=split, max_requests=cfg.eval_requests)
+        val_lists = (
+            make_lists(
+                (
+                    (r.text, c, val.relevant[r.request_id])
+                    for r, c in zip(val.requests, self._candidate_lists(val.requests, cfg.depth), strict=True)
+                ),
+                list_size=cfg.depth,
+                item_texts=catalogue.texts,
+            )
+            if val.requests
+            else None
+        )
+        self.models_dir("reranker").parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".reranker-", dir=self.models_dir("reranker").parent))
+        result = train_reranker(
+            train_lists,
+            output_dir=work / "model",
+            base_model=None if cfg.model == "default" else cfg.model,
+            val_lists=val_lists,
+            loss=cfg.loss,
+            epochs=cfg.epochs,
+            batch_size=cfg.train_batch_size,
+            learning_rate=cfg.learning_rate,
+            warmup_ratio=cfg.warmup_ratio,
+            max_length=cfg.max_length,
+            patience=cfg.patience,
+            seed=cfg.seed,
+            lora=cfg.lora,
+            progress=self.progress,
+        )
+        target = self._replace_model_dir("reranker", work / "model")
+        work.rmdir()
+        self._record_run(
+            "train-reranker",
+            None,
+            {"split": split, "lists": len(train_lists), "metrics": dict(result.metrics)},
+        )
+        return _with_path(result, target)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        *,
+        split: str | None = None,
+        part: str | None = None,
+        baselines: bool = True,
+        max_requests: int | None = None,
+        mmr_lambdas: tuple[float, ...] = (),
+        report: str | Path | None = None,
+    ) -> EvalReport:
+        """Evaluate baselines, stage 1 and the full pipeline on a held-out part, in one run.
+
+        Every ranking is written to ``results`` and joined to the split's targets in DuckDB; per-request
+        and mean metrics land in ``request_metrics``/``metrics``. Paired bootstrap comparisons are made of
+        the pipeline against stage 1 and of stage 1 against each baseline.
+        """
+        from twostage.experiment import run_evaluation
+
+        return run_evaluation(
+            self,
+            split=split or self.default_split(),
+            part=part or self.config.eval.part,
+            baselines=baselines,
+            max_requests=max_requests if max_requests is not None else self.config.eval.max_requests,
+            mmr_lambdas=mmr_lambdas,
+            report=report,
+        )
+
+
+def _with_path(result: Any, path: Path) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(result, model_path=path)

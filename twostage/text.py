@@ -15,6 +15,7 @@ from twostage.errors import ConfigError
 
 _DOUBLED_SEPARATORS = re.compile(r"([.;:,])(\s*[.;:,])+")
 _SPACES = re.compile(r"\s+")
+_EMPTY_LABEL = re.compile(r"(?:^|(?<=[.;]))\s*[A-Z][\w ]{0,20}:\s*(?=[.;]|$)")
 
 
 def template_fields(template: str) -> list[str]:
@@ -27,7 +28,8 @@ def template_fields(template: str) -> list[str]:
 
 def _tidy(text: str) -> str:
     """Drop the separators left behind by empty fields ("Heat. . " → "Heat") and squeeze spaces."""
-    text = _DOUBLED_SEPARATORS.sub(r"\1", _SPACES.sub(" ", text))
+    text = _EMPTY_LABEL.sub("", _SPACES.sub(" ", text))
+    text = _DOUBLED_SEPARATORS.sub(r"\1", text)
     return _SPACES.sub(" ", text).strip().lstrip(".;:, ").strip()
 
 

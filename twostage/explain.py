@@ -1,0 +1,97 @@
+"""Why an item was returned, computed from the models' own scores (faithful, not a story).
+
+Recommendations: leave-one-out on the user context. Each history item in the context is removed in turn
+and the pair (edited context, item) is scored again; the drop in score is that history item's share. The
+bi-encoder similarity between the history item and the recommended item, and shared categories, are added.
+Search hits: the same with query terms instead of history items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from twostage.requests import user_text
+
+if TYPE_CHECKING:
+    from twostage.engine import Engine
+    from twostage.requests import Request
+
+
+def _scores(engine: Engine, texts: Sequence[str], item_ids: Sequence[str], use_rerank: bool) -> np.ndarray:
+    """Score every (text, item) pair: a matrix texts × items, with the reranker or the bi-encoder."""
+    pipe = engine.pipeline()
+    catalogue = engine.catalogue()
+    if use_rerank:
+        pairs = [(t, catalogue.text(i)) for t in texts for i in item_ids]
+        return np.asarray(pipe.score_pairs(pairs), dtype=np.float64).reshape(len(texts), len(item_ids))
+    text_vecs = pipe.encode(texts)
+    item_vecs = pipe.index.vectors(list(item_ids))
+    return (text_vecs @ item_vecs.T).astype(np.float64)
+
+
+def explain_hits(
+    engine: Engine, request: Request, item_ids: Sequence[str], *, use_rerank: bool, top: int = 3
+) -> dict[str, dict[str, Any]]:
+    """An explanation per item: the top ``top`` drivers (history items or query terms) with their score drop."""
+    if not item_ids:
+        return {}
+    method = "reranker" if use_rerank else "bi-encoder"
+    if request.history:
+        return _explain_recommendation(engine, request, item_ids, use_rerank, top, method)
+    return _explain_search(engine, request, item_ids, use_rerank, top, method)
+
+
+def _explain_recommendation(engine, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
+    config = engine.config.text
+    catalogue = engine.catalogue()
+    context = [h for h in request.history if h in catalogue][: config.history_size]
+    variants = [user_text([h for h in context if h != drop], catalogue, config) for drop in context]
+    scores = _scores(engine, [request.text, *variants], item_ids, use_rerank)
+    base, edited = scores[0], scores[1:]
+    vecs = engine.pipeline().index.vectors(list(context) + list(item_ids)) if context else None
+    out: dict[str, dict[str, Any]] = {}
+    for col, item_id in enumerate(item_ids):
+        drops = base[col] - edited[:, col] if len(context) else np.zeros(0)
+        sims = vecs[: len(context)] @ vecs[len(context) + col] if vecs is not None else np.zeros(0)
+        order = np.argsort(-drops, kind="stable")[:top]
+        cats = set(catalogue.records[item_id].get("categories") or [])
+        out[item_id] = {
+            "method": f"leave-one-out on the user context, {method} score",
+            "drivers": [
+                {
+                    "item_id": context[j],
+                    "title": catalogue.title(context[j]),
+                    "score_drop": round(float(drops[j]), 4),
+                    "similarity": round(float(sims[j]), 4),
+                    "shared_categories": sorted(
+                        cats & set(catalogue.records[context[j]].get("categories") or [])
+                    ),
+                }
+                for j in order
+            ],
+        }
+    return out
+
+
+def _explain_search(engine, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
+    terms = request.text.split()
+    variants = [" ".join(t for n, t in enumerate(terms) if n != drop) for drop in range(len(terms))]
+    scores = _scores(engine, [request.text, *variants], item_ids, use_rerank) if len(terms) > 1 else None
+    out: dict[str, dict[str, Any]] = {}
+    for col, item_id in enumerate(item_ids):
+        if scores is None:
+            out[item_id] = {
+                "method": f"query-term removal, {method} score",
+                "terms": [{"term": terms[0] if terms else "", "score_drop": None}],
+            }
+            continue
+        drops = scores[0, col] - scores[1:, col]
+        order = np.argsort(-drops, kind="stable")[:top]
+        out[item_id] = {
+            "method": f"query-term removal, {method} score",
+            "terms": [{"term": terms[j], "score_drop": round(float(drops[j]), 4)} for j in order],
+        }
+    return out

@@ -1,0 +1,116 @@
+"""The two stages run over a batch of requests: recall (bi-encoder + FAISS) then rerank (cross-encoder).
+
+The same code serves one request (``Engine.search``/``recommend``) and thousands (evaluation), so what is
+measured offline is what runs online.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from twostage.rerank import Candidate, RerankedHit
+
+if TYPE_CHECKING:
+    from twostage.encoders import BiEncoder
+    from twostage.index import VectorIndex
+    from twostage.requests import Catalogue, Request
+    from twostage.rerank import Reranker
+
+Scored = list[tuple[str, float]]
+
+
+class Pipeline:
+    """Recall and rerank with fixed models; safe to call from many threads.
+
+    Model forward passes are serialised by a lock (fast tokenizers are not re-entrant, and on CPU torch
+    already uses every core inside one call); FAISS search and the store run outside it.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: BiEncoder,
+        index: VectorIndex,
+        catalogue: Catalogue,
+        reranker: Reranker | None = None,
+        fusion_weight: float = 0.0,
+    ):
+        self.encoder = encoder
+        self.index = index
+        self.catalogue = catalogue
+        self.reranker = reranker
+        self.fusion_weight = fusion_weight
+        self._encode_lock = threading.Lock()
+        self._rerank_lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]):
+        """Bi-encoder vectors for texts (under the model lock)."""
+        with self._encode_lock:
+            return self.encoder.encode(list(texts))
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]):
+        """Raw cross-encoder scores for (request text, item text) pairs (under the model lock)."""
+        if self.reranker is None:
+            raise ValueError("this pipeline has no reranker")
+        with self._rerank_lock:
+            return self.reranker.score(pairs)
+
+    def recall(self, requests: Sequence[Request], depth: int, *, progress: bool = False) -> list[Scored]:
+        """Top-``depth`` candidates per request, excluding each request's ``exclude`` items."""
+        if not requests:
+            return []
+        with self._encode_lock:
+            query_vecs = self.encoder.encode([r.text for r in requests], progress=progress)
+        exclude = [r.exclude for r in requests] if any(r.exclude for r in requests) else None
+        return self.index.search(query_vecs, depth, exclude=exclude)
+
+    def rerank(
+        self,
+        requests: Sequence[Request],
+        candidates: Sequence[Scored],
+        depth: int,
+        *,
+        texts: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> list[list[RerankedHit]]:
+        """Rerank the top ``depth`` candidates of each request (all of them come back, reordered).
+
+        ``texts`` overrides the request texts (explanations rescore edited contexts this way).
+        """
+        if self.reranker is None:
+            raise ValueError("this pipeline has no reranker")
+        batch = []
+        for n, (request, cands) in enumerate(zip(requests, candidates, strict=True)):
+            top = [Candidate(i, self.catalogue.text(i), s) for i, s in cands[:depth]]
+            batch.append((texts[n] if texts is not None else request.text, top))
+        with self._rerank_lock:
+            return self.reranker.rerank_batch(
+                batch, k=depth, fusion_weight=self.fusion_weight, progress=progress
+            )
+
+    def run(
+        self, requests: Sequence[Request], *, depth: int, rerank_depth: int | None, progress: bool = False
+    ) -> tuple[list[Scored], list[Scored] | None, list[list[RerankedHit]] | None]:
+        """Both stages: stage-1 lists, final lists (reranked head + the rest of stage 1), and rerank hits.
+
+        The rest of the stage-1 list is kept after the reranked head, so deep metrics (R@100) stay defined
+        for the full pipeline and equal stage 1's beyond the rerank depth.
+        """
+        stage1 = self.recall(requests, depth, progress=progress)
+        if self.reranker is None or not rerank_depth:
+            return stage1, None, None
+        hits = self.rerank(requests, stage1, rerank_depth, progress=progress)
+        return stage1, with_reranked_head(stage1, hits), hits
+
+
+def with_reranked_head(stage1: Sequence[Scored], hits: Sequence[list[RerankedHit]]) -> list[Scored]:
+    """Each stage-1 list with its head replaced by the reranked hits; the tail keeps stage-1 order, scored
+    below the head so ranks stay consistent with scores."""
+    final = []
+    for cands, reranked in zip(stage1, hits, strict=True):
+        head = [(h.item_id, h.score) for h in reranked]
+        floor = min((s for _, s in head), default=0.0)
+        final.append(head + [(i, floor - 1.0 - n) for n, (i, _) in enumerate(cands[len(head) :])])
+    return final

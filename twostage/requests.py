@@ -1,0 +1,106 @@
+"""Requests as text: the catalogue's item texts, and split requests (users before their cut-off, or queries).
+
+This is where "every request is text" happens for both stages, so training, evaluation and serving all
+render items and users the same way, and a held-out item can never leak into a user's context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twostage.errors import NotFoundError
+from twostage.text import render_item, render_user
+
+if TYPE_CHECKING:
+    from twostage.config import TextConfig
+    from twostage.store import Store
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: its id, its text, and the items it must not be shown (a user's own history)."""
+
+    request_id: str
+    text: str
+    exclude: frozenset[str] = frozenset()
+    history: tuple[str, ...] = ()
+
+
+class Catalogue:
+    """All items with their rendered texts, loaded once from the store."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], template: str):
+        self.records = {str(i["item_id"]): i for i in items}
+        self.item_ids = list(self.records)
+        self.template = template
+        self.texts = {item_id: render_item(rec, template) for item_id, rec in self.records.items()}
+
+    @classmethod
+    def from_store(cls, store: Store, template: str) -> Catalogue:
+        return cls(store.items(), template)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.records
+
+    def text(self, item_id: str) -> str:
+        return self.texts[item_id]
+
+    def title(self, item_id: str) -> str:
+        rec = self.records.get(item_id, {})
+        return str(rec.get("title") or item_id)
+
+    def categories(self) -> dict[str, set[str]]:
+        return {i: set(r.get("categories") or []) for i, r in self.records.items()}
+
+
+def user_text(history: Sequence[str], catalogue: Catalogue, config: TextConfig) -> str:
+    """A user's context text from item ids, newest first."""
+    recs = [catalogue.records[i] for i in history[: config.history_size] if i in catalogue.records]
+    return render_user(recs, config)
+
+
+def split_requests(
+    store: Store,
+    catalogue: Catalogue,
+    config: TextConfig,
+    *,
+    split: str,
+    part: str,
+    max_requests: int | None = None,
+) -> list[Request]:
+    """The requests of a held-out part, in request_id order, rendered as text.
+
+    Users get their history strictly before the part's cut-off (the held-out event never leaks), and that
+    history is what recall excludes (the standard full-ranking protocol). Queries get their text.
+    """
+    kind = store.require_split(split)
+    targets = store.targets(split, part)
+    ids = sorted(targets)
+    if max_requests is not None:
+        ids = ids[:max_requests]
+    if kind == "query":
+        texts = store.query_texts(ids)
+        missing = [q for q in ids if q not in texts]
+        if missing:
+            raise NotFoundError(
+                f"{len(missing)} judged queries have no text (e.g. '{missing[0]}'); ingest queries"
+            )
+        return [Request(q, texts[q]) for q in ids]
+    histories = store.histories(ids, cutoffs=store.cutoffs(split, part))
+    return [
+        Request(u, user_text(histories[u], catalogue, config), frozenset(histories[u]), tuple(histories[u]))
+        for u in ids
+    ]
+
+
+def live_user_request(store: Store, catalogue: Catalogue, config: TextConfig, user_id: str) -> Request:
+    """A user's request for serving: all their events, newest first."""
+    history = store.histories([user_id])[user_id]
+    if not history:
+        raise NotFoundError(f"unknown user '{user_id}' (no events); check the id or ingest their events")
+    return Request(user_id, user_text(history, catalogue, config), frozenset(history), tuple(history))
