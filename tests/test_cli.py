@@ -1,0 +1,69 @@
+"""The CLI: exit codes, exact one-line errors, --json output, and the store seen through the library."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from twostage.cli import cli
+from twostage.engine import Engine
+
+
+def run(*args: str, project=None):
+    base = ["-p", str(project)] if project else []
+    return CliRunner().invoke(cli, [*base, *args], catch_exceptions=False)
+
+
+def test_init_load_split_stats(tmp_path):
+    project = tmp_path / "p"
+    assert run("init", str(project)).exit_code == 0
+    result = run("datasets", "load", "sample", "--json", project=project)
+    assert result.exit_code == 0
+    reports = json.loads(result.output)
+    assert [r["kind"] for r in reports] == ["items", "events"]
+    assert run("split", project=project).exit_code == 0
+    stats = json.loads(run("stats", "--json", project=project).output)
+    assert stats["items"] == 1500
+    assert stats["events"] == 37801
+    assert stats["splits"] == {"leave-last-out/test": 300, "leave-last-out/valid": 300}
+    rows = json.loads(run("sql", "SELECT count(*) AS n FROM items", "--json", project=project).output)
+    assert rows == [{"n": 1500}]
+
+
+def test_ingest_error_is_one_line_exit_1_and_store_unchanged(tmp_path):
+    project = tmp_path / "p"
+    run("init", str(project))
+    bad = tmp_path / "items.csv"
+    bad.write_text("item_id,title\n1,a\n1,b\n")
+    result = CliRunner().invoke(cli, ["-p", str(project), "ingest", "items", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {bad}:row 2:item_id: duplicate item_id 1 (first at row 1)"
+    assert Engine.open(project).stats()["items"] == 0
+
+
+def test_keep_rejects_reports_count(tmp_path):
+    project = tmp_path / "p"
+    run("init", str(project))
+    good = tmp_path / "items.csv"
+    good.write_text("item_id,title\n1,a\n2,b\n")
+    run("ingest", "items", str(good), project=project)
+    events = tmp_path / "e.csv"
+    events.write_text("user_id,item_id,ts\nu,1,10\nu,9,11\n")
+    result = run("ingest", "events", str(events), "--keep-rejects", "--json", project=project)
+    assert json.loads(result.output)[0]["rejected"] == 1
+    assert Engine.open(project).stats()["rejects"] == 1
+
+
+def test_bad_map_is_usage_error(tmp_path):
+    project = tmp_path / "p"
+    run("init", str(project))
+    result = CliRunner().invoke(cli, ["-p", str(project), "ingest", "items", "x.csv", "--map", "item_id"])
+    assert result.exit_code == 2
+    assert "TARGET=COLUMN" in result.output
+
+
+def test_not_a_project(tmp_path):
+    result = CliRunner().invoke(cli, ["-p", str(tmp_path / "none"), "stats"])
+    assert result.exit_code == 1
+    assert "not a twostage project" in result.output
