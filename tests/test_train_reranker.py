@@ -1,0 +1,230 @@
+"""Listwise reranker training: list building, the ListNet formula, one step of learning, end-to-end save."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from twostage.errors import ConfigError, InputError, MissingDependencyError
+from twostage.train.reranker import (
+    RerankList,
+    build_loss,
+    make_list,
+    make_lists,
+    ndcg_at_k,
+    train_reranker,
+)
+
+# Distinct word counts: the texts stay distinguishable to the tiny BERT whatever its tokenizer knows.
+LISTS = [
+    RerankList(
+        "science fiction movie about space",
+        [
+            "space war science fiction film",
+            "a drama",
+            "children animation adventure",
+            "love story in the city",
+        ],
+        [2.0, 0.0, 0.0, 1.0],
+    ),
+    RerankList(
+        "cancer study", ["cancer study patients treatment risk", "comedy", "brain blood"], [1.0, 0.0, 0.0]
+    ),
+]
+
+
+def _tiny_model(path, seed: int = 0, *, spread: bool = False):
+    import torch
+    from transformers import set_seed
+
+    from twostage.rerank import load_cross_encoder
+
+    set_seed(seed)
+    model, fresh = load_cross_encoder(path, device="cpu", max_length=64)
+    assert fresh
+    model.eval()  # no dropout: the loss is a deterministic function of the weights
+    if spread:
+        # A random tiny BERT's features barely vary between inputs, so a fresh head scores every doc alike and
+        # any listwise loss sits at log(n). Point the head along the features' main direction of variation
+        # (unit spread) so the scores differ by O(1), as a trained head's would.
+        feats: list[torch.Tensor] = []
+        head = model.model.classifier
+        hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach()))
+        with torch.no_grad():
+            model(model.preprocess([[rl.request, d] for rl in LISTS for d in rl.docs]))
+        hook.remove()
+        h = torch.cat(feats).double()
+        centred = h - h.mean(0)
+        direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        with torch.no_grad():
+            head.weight.copy_((direction / (centred @ direction).std()).float().unsqueeze(0))
+    return model
+
+
+def _batch(lists):
+    import torch
+
+    inputs = [[rl.request for rl in lists], [rl.docs for rl in lists]]
+    labels = [torch.tensor(rl.labels) for rl in lists]
+    return inputs, labels
+
+
+def test_make_list_inserts_positives_in_place_of_lowest_negatives():
+    cands = [(f"c{i}", f"text {i}") for i in range(6)]
+    rl = make_list(
+        "q", cands, {"c1": 1.0, "p9": 2.0, "p8": 1.0}, list_size=4, item_texts={"p9": "nine", "p8": "eight"}
+    )
+    # Window c0..c3; the two missing positives (higher grade first) replace the two lowest negatives c3, c2.
+    assert rl.docs == ["text 0", "text 1", "nine", "eight"]
+    assert rl.labels == [0.0, 1.0, 2.0, 1.0]
+
+
+def test_make_list_truncates_and_does_not_pad():
+    cands = [(f"c{i}", f"text {i}") for i in range(10)]
+    assert len(make_list("q", cands, {"c0": 1.0}, list_size=5).docs) == 5
+    short = make_list("q", cands[:3], {"c2": 1.0}, list_size=8)
+    assert short.docs == ["text 0", "text 1", "text 2"] and short.labels == [0.0, 0.0, 1.0]
+    with pytest.raises(InputError, match="item_texts"):
+        make_list("q", cands, {"zz": 1.0}, list_size=5)
+
+
+def test_make_lists_skips_requests_without_positives():
+    cands = [("a", "A"), ("b", "B")]
+    lists = make_lists([("q1", cands, {"a": 1.0}), ("q2", cands, {}), ("q3", cands, {"b": 0.0})], list_size=2)
+    assert [rl.request for rl in lists] == ["q1"]
+
+
+def test_ndcg_at_k_hand_example():
+    # Sorted by score: labels [0, 2, 1]. DCG = 0 + 3/log2(3) + 1/log2(4); IDCG = 3/log2(2) + 1/log2(3).
+    expected = (3 / np.log2(3) + 1 / 2) / (3 + 1 / np.log2(3))
+    assert ndcg_at_k([0, 2, 1], [3.0, 2.0, 1.0]) == pytest.approx(expected)
+    assert ndcg_at_k([0, 0], [1.0, 2.0]) == 0.0
+    assert ndcg_at_k([1, 0, 0], [0.0, 0.0, 0.0]) == 1.0  # ties keep list order
+
+
+def test_listnet_loss_matches_hand_computed_formula(tiny_bert_path):
+    import torch
+
+    model = _tiny_model(tiny_bert_path, spread=True)
+    loss = build_loss("listnet", model, mini_batch_size=0)  # all pairs in one forward pass
+    inputs, labels = _batch(LISTS)
+    pairs = [[rl.request, d] for rl in LISTS for d in rl.docs]
+    with torch.no_grad():
+        value = float(loss(inputs, labels))
+        flat = model(model.preprocess(pairs))["scores"].view(-1).double().numpy()  # the same single pass
+    scores = [flat[:4], flat[4:]]
+    assert np.ptp(scores[0]) > 0.5  # scores really differ, so the test can tell target distributions apart
+
+    def log_softmax(x):
+        x = np.asarray(x, dtype=np.float64)
+        return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+    # sentence-transformers' ListNet targets are softmax(labels), NOT labels / sum(labels): with targets
+    # p = softmax(y) the loss is L = -sum_i p_i log softmax(s)_i, i.e. the "-sum y_i log softmax(s)_i" of the
+    # ListNet paper with y replaced by its top-one probability. Lists shorter than the batch's longest are
+    # padded inside the loss with zero target mass, so each list contributes only its own docs; the batch
+    # loss is the mean over lists.
+    per_list = [
+        -(np.exp(log_softmax(rl.labels)) * log_softmax(s)).sum() for rl, s in zip(LISTS, scores, strict=True)
+    ]
+    assert value == pytest.approx(float(np.mean(per_list)), rel=1e-5, abs=1e-6)
+    # The softmax(y) reading matters: the linear normalisation gives another number for graded labels.
+    linear = [
+        -(np.asarray(rl.labels) / sum(rl.labels) * log_softmax(s)).sum()
+        for rl, s in zip(LISTS, scores, strict=True)
+    ]
+    assert abs(float(np.mean(linear)) - value) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["listnet", "lambdaloss", "listmle"])
+def test_one_step_lowers_listwise_loss_and_changes_weights(tiny_bert_path, name):
+    import torch
+
+    model = _tiny_model(tiny_bert_path, spread=True)
+    loss = build_loss(name, model)
+    inputs, labels = _batch(LISTS)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    value = loss(inputs, labels)
+    value.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_value = float(loss(inputs, labels))
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
+    assert any("encoder" in k for k in changed) and any("embeddings" in k for k in changed)
+    assert after_value < value.item() - 1e-4  # drops are ~1e-3 at this step size
+
+
+def test_unknown_loss_suggests_closest():
+    with pytest.raises(ConfigError, match="did you mean 'listnet'") as err:
+        train_reranker(LISTS, output_dir="never-written", loss="listnett")
+    assert err.value.key == "reranker.loss" and err.value.suggestion == "listnet"
+    with pytest.raises(ConfigError, match="lambdaloss"):
+        build_loss("lamdaloss", None)  # type: ignore[arg-type]
+
+
+def test_no_lists_and_bad_options_raise(tmp_path):
+    with pytest.raises(InputError):
+        train_reranker([], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        train_reranker(LISTS, output_dir=tmp_path, warmup_ratio=1.0)
+
+
+def test_lora_without_peft_raises(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match="lora"):
+            train_reranker(LISTS, output_dir=tmp_path, lora=True)
+    else:
+        pytest.skip("peft is installed")
+
+
+def test_train_end_to_end_writes_model_and_training_json(tiny_bert_path, tmp_path, monkeypatch, capsys):
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from twostage.rerank import Reranker
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "reranker"
+    result = train_reranker(
+        LISTS * 3,
+        base_model=tiny_bert_path,
+        output_dir=out,
+        val_lists=LISTS,
+        epochs=2,
+        batch_size=2,
+        learning_rate=1e-3,
+        max_length=64,
+        eval_steps=1,
+        patience=2,
+        device="cpu",
+    )
+    assert list(cwd.iterdir()) == []  # nothing written into the working directory
+    assert capsys.readouterr().out == ""  # the library never prints (no trainer log dicts on stdout)
+    record = json.loads((out / "training.json").read_text())
+    assert record["loss"] == "listnet" and record["train_lists"] == 6 and record["val_lists"] == 2
+    assert 0.0 < record["metrics"]["ndcg@10"] <= 1.0
+    assert record["best_metric"] == pytest.approx(record["metrics"]["ndcg@10"])
+    assert result.best_metric == record["best_metric"] and result.model_path == out
+    assert 1 <= result.steps <= 6 and result.seconds > 0
+    # The saved model reloads with raw-logit output and a trained (not fresh) head.
+    model = CrossEncoder(str(out))
+    assert isinstance(model.activation_fn, torch.nn.Identity)
+    rr = Reranker(out, device="cpu", max_length=64)
+    assert not rr.fresh_head
+    # Its validation NDCG@10, recomputed here, is the one recorded.
+    # (All pairs in one pass, as the evaluator does: the tiny model's scores are close enough that another
+    # batch layout can reorder them.)
+    flat = rr.score([(rl.request, d) for rl in LISTS for d in rl.docs])
+    ndcgs = [ndcg_at_k(LISTS[0].labels, flat[:4]), ndcg_at_k(LISTS[1].labels, flat[4:])]
+    assert float(np.mean(ndcgs)) == pytest.approx(record["metrics"]["ndcg@10"], abs=1e-6)
+    base = _tiny_model(tiny_bert_path)
+    trained = dict(rr.model.named_parameters())
+    assert any(not torch.equal(p, trained[k]) for k, p in base.named_parameters() if k in trained)
