@@ -757,9 +757,18 @@ class Store:
 
 
 _TABLES = {
-    "items", "events", "queries", "judgments", "splits", "split_info", "runs", "results", "metrics",
-    "request_metrics", "rejects",
-}  # fmt: skip
+    "items",
+    "events",
+    "queries",
+    "judgments",
+    "splits",
+    "split_info",
+    "runs",
+    "results",
+    "metrics",
+    "request_metrics",
+    "rejects",
+}
 
 
 def _literal(value: str) -> str:
