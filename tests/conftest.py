@@ -37,7 +37,7 @@ def tiny_bert_path(tmp_path_factory) -> Path:
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,:()-'")
     vocab = specials + sorted(set(_WORDS)) + letters + [f"##{c}" for c in letters]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"), do_lower_case=True)
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
