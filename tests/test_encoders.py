@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _tiny_model import with_vocab
 
 from twostage.encoders import (
     DEFAULT_MODEL,
@@ -31,8 +30,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_bert_path, tmp_path_factory) -> Path:
-    return with_vocab(tiny_bert_path, tmp_path_factory.mktemp("encoders"))
+def model_path(tiny_bert_path) -> Path:
+    return tiny_bert_path
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _tiny_model import with_vocab
 from conftest import _WORDS
 
 from twostage.encoders import BiEncoder, model_fingerprint
@@ -19,8 +18,8 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_bert_path, tmp_path_factory) -> Path:
-    return with_vocab(tiny_bert_path, tmp_path_factory.mktemp("retriever"))
+def model_path(tiny_bert_path) -> Path:
+    return tiny_bert_path
 
 
 @pytest.fixture(scope="module")
