@@ -87,6 +87,7 @@ class RetrieverConfig:
     max_train_pairs: int = 20000
     eval_k: int = 100
     eval_requests: int = 300
+    eval_corpus: int = 2000
     patience: int = 2
     seed: int = 0
 

@@ -19,39 +19,41 @@ MARKER = ".twostage-demo"
 # Sized so the demo ends well inside 10 minutes on a 2-core CPU: short movie texts, a small rerank depth.
 DEMO_TOML = """\
 # The demo project's config: the bundled MovieLens sample, leave-last-out, both stages fine-tuned.
+# Sized for a 2-core CPU: short texts, a small training budget and a shallow rerank depth.
 [text]
 item_template = "{title}. {categories}. Tags: {tags}"
 user_template = "Recently watched: {history}"
 history_item_template = "{title}"
-history_size = 10
+history_size = 5
 
 [split]
 strategy = "leave-last-out"
 
 [retriever]
-max_seq_length = 128
+max_seq_length = 64
 epochs = 1
-train_batch_size = 64
-max_train_pairs = 6000
-eval_requests = 150
-learning_rate = 5e-5
+train_batch_size = 32
+max_train_pairs = 1600
+eval_requests = 100
+learning_rate = 1e-4
 
 [index]
 build = "flat"
 depth = 100
 
 [reranker]
-max_length = 160
-depth = 20
+max_length = 96
+depth = 15
 list_size = 8
-max_train_requests = 240
-eval_requests = 40
+max_train_requests = 160
+eval_requests = 30
 train_batch_size = 4
-learning_rate = 3e-5
+learning_rate = 5e-5
 fusion_weight = 0.3
 
 [eval]
 ks = [1, 5, 10, 20, 100]
+max_requests = 200
 """
 
 

@@ -208,7 +208,6 @@ class Engine:
         return {
             "model_fingerprint": encoder.fingerprint,
             "dim": encoder.dim,
-            "config_hash": self.config.hash("text"),
         }
 
     def item_vectors(self, encoder: BiEncoder, item_ids: list[str] | None = None) -> tuple[list[str], Any]:
@@ -234,7 +233,6 @@ class Engine:
             spec,
             model_fingerprint=encoder.fingerprint,
             use_gpu=self.config.index.use_gpu,
-            config_hash=self.config.hash("text"),
             progress=self.progress,
         )
         index.save(self.index_dir(name))
@@ -419,7 +417,9 @@ class Engine:
             output_dir=work / "model",
             base_model=None if cfg.model == "default" else cfg.model,
             val_queries={r.request_id: r.text for r in val.requests} or None,
-            val_corpus=dict(catalogue.texts) if val.requests else None,
+            val_corpus=_validation_corpus(catalogue.texts, val.relevant, cfg.eval_corpus, cfg.seed)
+            if val.requests
+            else None,
             val_relevant={q: set(rel) for q, rel in val.relevant.items()} if val.requests else None,
             epochs=cfg.epochs,
             batch_size=cfg.train_batch_size,
@@ -527,12 +527,14 @@ class Engine:
         max_requests: int | None = None,
         mmr_lambdas: tuple[float, ...] = (),
         report: str | Path | None = None,
+        pipeline: Pipeline | None = None,
     ) -> EvalReport:
         """Evaluate baselines, stage 1 and the full pipeline on a held-out part, in one run.
 
         Every ranking is written to ``results`` and joined to the split's targets in DuckDB; per-request
         and mean metrics land in ``request_metrics``/``metrics``. Paired bootstrap comparisons are made of
-        the pipeline against stage 1 and of stage 1 against each baseline.
+        the pipeline against stage 1 and of stage 1 against each baseline. ``pipeline`` evaluates other
+        models than the project's (e.g. an untrained reranker, for comparison).
         """
         from twostage.experiment import run_evaluation
 
@@ -544,7 +546,24 @@ class Engine:
             max_requests=max_requests if max_requests is not None else self.config.eval.max_requests,
             mmr_lambdas=mmr_lambdas,
             report=report,
+            pipeline=pipeline,
         )
+
+
+def _validation_corpus(
+    texts: Mapping[str, str], relevant: Mapping[str, Mapping[str, float]], size: int, seed: int
+) -> dict[str, str]:
+    """The items early stopping searches: every relevant item plus a seeded sample of the rest, up to ``size``.
+
+    Encoding a large catalogue at every evaluation would cost more than the training steps themselves;
+    recall against a few thousand distractors ranks checkpoints the same way.
+    """
+    import random
+
+    keep = {i for rel in relevant.values() for i in rel if i in texts}
+    rest = sorted(i for i in texts if i not in keep)
+    extra = random.Random(seed).sample(rest, max(0, min(len(rest), size - len(keep))))
+    return {i: texts[i] for i in sorted(keep | set(extra))}
 
 
 def _with_path(result: Any, path: Path) -> Any:

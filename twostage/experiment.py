@@ -17,6 +17,7 @@ from twostage.requests import split_requests
 
 if TYPE_CHECKING:
     from twostage.engine import Engine
+    from twostage.pipeline import Pipeline
     from twostage.requests import Request
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def run_evaluation(
     max_requests: int | None,
     mmr_lambdas: Sequence[float],
     report: str | Path | None,
+    pipeline: Pipeline | None = None,
 ) -> EvalReport:
     """Evaluate every ranking the project can produce on ``split/part``; see ``Engine.evaluate``."""
     store, config = engine.store, engine.config
@@ -51,7 +53,7 @@ def run_evaluation(
     depth = max(max(ks), config.index.depth)
     encoder = engine.retriever()
     run_id = store.new_run("eval", {**config.to_dict(), "split": split, "part": part}, encoder.fingerprint)
-    pipe = engine.pipeline()
+    pipe = pipeline or engine.pipeline()
 
     rankings: list[tuple[str, Lists, float]] = []
     if baselines:
@@ -65,7 +67,7 @@ def run_evaluation(
         final, seconds = _timed(lambda: _full(pipe, requests, stage1, config.reranker.depth, engine.progress))
         rankings.append(("rerank", final, seconds))
 
-    beyond = _beyond_fn(engine, kind, split)
+    beyond = _beyond_fn(engine, kind, split, pipe.index)
     rows: list[StageMetrics] = []
     for name, lists, secs in rankings:
         store.write_results(
@@ -90,7 +92,7 @@ def run_evaluation(
     extra: dict[str, Any] = {"run_id": run_id, "n_requests": len(requests)}
     if mmr_lambdas:
         head = final if final is not None else stage1
-        extra["mmr_sweep"] = _mmr_sweep(engine, run_id, split, part, requests, head, mmr_lambdas, ks, rows)
+        extra["mmr_sweep"] = _mmr_sweep(engine, pipe.index, run_id, split, part, requests, head, mmr_lambdas)
 
     labels = [lbl for lbl in rows[-1].means if lbl.split("@")[0] in ("nDCG", "R", "RR", "AP")]
     by_name = {r.name: r for r in rows}
@@ -148,11 +150,12 @@ def _full(pipe: Any, requests: list[Request], stage1: Lists, rerank_depth: int, 
     return with_reranked_head(stage1, pipe.rerank(requests, stage1, rerank_depth, progress=progress))
 
 
-def _beyond_fn(engine: Engine, kind: str, split: str) -> Callable[[list[list[str]]], dict[str, float]]:
+def _beyond_fn(
+    engine: Engine, kind: str, split: str, index: Any
+) -> Callable[[list[list[str]]], dict[str, float]]:
     catalogue = engine.catalogue()
     categories = catalogue.categories()
     has_categories = any(categories.values())
-    index = engine.pipeline().index
     popularity = engine.store.popularity(split) if kind == "user" else {}
     n_users = len(engine.store.targets(split, engine.config.eval.part)) if kind == "user" else 0
     n_users = max(n_users, engine.store.stats()["users"])
@@ -172,19 +175,18 @@ def _beyond_fn(engine: Engine, kind: str, split: str) -> Callable[[list[list[str
 
 def _mmr_sweep(
     engine: Engine,
+    index: Any,
     run_id: str,
     split: str,
     part: str,
     requests: list[Request],
     lists: Lists,
     lambdas: Sequence[float],
-    ks: tuple[int, ...],
-    rows: list[StageMetrics],
 ) -> list[dict[str, float]]:
     """Accuracy/diversity trade-off: MMR over each final list's top 50 for a few λ values."""
     from twostage.rerank import mmr
 
-    index = engine.pipeline().index
+    beyond = _beyond_fn(engine, engine.store.require_split(split), split, index)
     k = 10
     sweep = []
     for lam in lambdas:
@@ -212,7 +214,7 @@ def _mmr_sweep(
             part=part,
             ks=(k,),
             metric_names=("ndcg", "recall"),
-            beyond=_beyond_fn(engine, engine.store.require_split(split), split),
+            beyond=beyond,
         )
         sweep.append(
             {

@@ -1,0 +1,196 @@
+"""Quality on real data, every stage against its baselines in the same process (issues 3, 4 and 5).
+
+  scifact:    BM25 (k1=0.9, b=0.4), zero-shot all-MiniLM-L6-v2, fine-tuned retriever, + untrained reranker,
+              + listwise-trained reranker; BEIR SciFact test qrels (300 queries).
+  movielens:  popularity, zero-shot, fine-tuned retriever, full pipeline; ml-latest-small leave-last-out,
+              full ranking over all unseen items (610 users).
+
+Usage: python tools/bench/bench_quality.py scifact|movielens [--quick]  → tools/bench/results/quality_<name>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import SHARED_DATA, write
+
+from twostage import Engine
+from twostage.pipeline import Pipeline
+
+SCIFACT_TOML = """
+[text]
+item_template = "{title}. {body}"
+[split]
+strategy = "given"
+[retriever]
+max_seq_length = 256
+epochs = {retriever_epochs}
+train_batch_size = 32
+learning_rate = 3e-5
+eval_requests = 100
+[index]
+depth = 100
+[reranker]
+max_length = 192
+depth = {rerank_depth}
+list_size = 8
+max_train_requests = {rerank_requests}
+eval_requests = 40
+train_batch_size = 2
+learning_rate = 3e-5
+epochs = 1
+[eval]
+ks = [1, 5, 10, 100]
+bootstrap = 2000
+"""
+
+MOVIELENS_TOML = """
+[text]
+item_template = "{title}. {categories}. Tags: {tags}"
+user_template = "Recently watched: {history}"
+history_size = 5
+[split]
+strategy = "leave-last-out"
+[retriever]
+max_seq_length = 64
+epochs = 1
+train_batch_size = 32
+max_train_pairs = {pairs}
+learning_rate = 5e-5
+eval_requests = 200
+[index]
+depth = 100
+[reranker]
+max_length = 96
+depth = {rerank_depth}
+list_size = 8
+max_train_requests = {rerank_requests}
+eval_requests = 60
+train_batch_size = 4
+learning_rate = 3e-5
+fusion_weight = {fusion}
+[eval]
+ks = [1, 5, 10, 20, 100]
+bootstrap = 2000
+"""
+
+
+def rows(report: Any) -> dict[str, dict[str, float]]:
+    return {r.name: {**r.means, **r.beyond, "seconds": r.seconds} for r in report.rows}
+
+
+def timed(log: dict[str, float], name: str, fn: Any) -> Any:
+    started = time.perf_counter()
+    value = fn()
+    log[name] = round(time.perf_counter() - started, 1)
+    print(f"  {name}: {log[name]}s", flush=True)
+    return value
+
+
+def fresh(root: Path) -> Path:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    return root
+
+
+def scifact(quick: bool, root: Path) -> dict[str, Any]:
+    times: dict[str, float] = {}
+    Engine.init(root)
+    (root / "twostage.toml").write_text(
+        SCIFACT_TOML.format(
+            retriever_epochs=1 if quick else 2, rerank_depth=20, rerank_requests=120 if quick else 240
+        )
+    )
+    engine = Engine.open(root)
+    timed(times, "ingest", lambda: engine.load_dataset("beir", SHARED_DATA / "scifact"))
+    engine.split()
+    # 1. zero-shot bi-encoder (+ BM25 baseline)
+    timed(times, "index_zero_shot", engine.build_index)
+    zero = timed(times, "eval_zero_shot", lambda: engine.evaluate())
+    # 2. fine-tuned bi-encoder
+    trained = timed(times, "train_retriever", engine.train_retriever)
+    timed(times, "index_fine_tuned", engine.build_index)
+    # 3. untrained reranker (fresh 1-logit head on MiniLM) on the fine-tuned stage 1
+    untrained = Pipeline(
+        encoder=engine.retriever(),
+        index=engine.index(),
+        catalogue=engine.catalogue(),
+        reranker=engine.reranker(base=True),
+    )
+    base_rr = timed(
+        times, "eval_untrained_reranker", lambda: engine.evaluate(baselines=False, pipeline=untrained)
+    )
+    # 4. listwise-trained reranker
+    rr = timed(times, "train_reranker", engine.train_reranker)
+    full = timed(times, "eval_full", lambda: engine.evaluate())
+    return {
+        "dataset": "BEIR SciFact test (300 queries)",
+        "zero_shot_eval": rows(zero),
+        "fine_tuned_eval": rows(full),
+        "untrained_reranker_eval": rows(base_rr),
+        "retriever_training": {
+            "best": trained.best_metric,
+            "metrics": dict(trained.metrics),
+            "steps": trained.steps,
+        },
+        "reranker_training": {"best": rr.best_metric, "metrics": dict(rr.metrics), "steps": rr.steps},
+        "comparisons": full.comparisons,
+        "stage_seconds": times,
+        "config": engine.config.to_dict(),
+    }
+
+
+def movielens(quick: bool, root: Path) -> dict[str, Any]:
+    times: dict[str, float] = {}
+    Engine.init(root)
+    (root / "twostage.toml").write_text(
+        MOVIELENS_TOML.format(
+            pairs=3000 if quick else 6000,
+            rerank_depth=20,
+            rerank_requests=150 if quick else 300,
+            fusion=0.3,
+        )
+    )
+    engine = Engine.open(root)
+    timed(times, "ingest", lambda: engine.load_dataset("movielens", SHARED_DATA / "ml-latest-small"))
+    engine.split()
+    trained = timed(times, "train_retriever", engine.train_retriever)
+    timed(times, "index", engine.build_index)
+    rr = timed(times, "train_reranker", engine.train_reranker)
+    report = timed(times, "evaluate", lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7, 0.5)))
+    return {
+        "dataset": "ml-latest-small leave-last-out (610 users, full ranking over unseen items)",
+        "eval": rows(report),
+        "mmr_sweep": report.extra.get("mmr_sweep"),
+        "retriever_training": {
+            "best": trained.best_metric,
+            "metrics": dict(trained.metrics),
+            "steps": trained.steps,
+        },
+        "reranker_training": {"best": rr.best_metric, "metrics": dict(rr.metrics), "steps": rr.steps},
+        "comparisons": report.comparisons,
+        "stage_seconds": times,
+        "config": engine.config.to_dict(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dataset", choices=["scifact", "movielens"])
+    parser.add_argument("--quick", action="store_true", help="smaller training and rerank depth")
+    parser.add_argument("--project", help="project dir to (re)create; kept for bench_latency.py")
+    args = parser.parse_args()
+    root = fresh(Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / args.dataset))
+    result = scifact(args.quick, root) if args.dataset == "scifact" else movielens(args.quick, root)
+    print(write(f"quality_{args.dataset}", {"quick": args.quick, **result}))
+    for name, values in (result.get("fine_tuned_eval") or result.get("eval")).items():
+        print(f"{name:12} nDCG@10 {values.get('nDCG@10', 0):.4f}  R@100 {values.get('R@100', 0):.4f}")
+
+
+if __name__ == "__main__":
+    main()
