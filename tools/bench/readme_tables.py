@@ -1,0 +1,275 @@
+"""Fill README.md's Results section from the benchmark JSON, so the README never shows numbers nobody measured.
+
+Reads whichever of tools/bench/results/{quality_scifact,quality_movielens,ingest_eval,encode,ann,latency}.json
+exist, renders markdown tables (quality per dataset, performance, ANN) with the machine and date, and replaces
+the text between ``<!-- results:start -->`` and ``<!-- results:end -->``.
+
+Usage: python tools/bench/readme_tables.py [--results DIR] [--readme PATH] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "tools" / "bench" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+KNOWN = ("quality_scifact", "quality_movielens", "ingest_eval", "encode", "ann", "latency")
+QUALITY_RUNS = {  # bench_quality.py keys, in the order the story is told
+    "eval": "",
+    "zero_shot_eval": "zero-shot bi-encoder",
+    "fine_tuned_eval": "fine-tuned bi-encoder + trained reranker",
+    "untrained_reranker_eval": "fine-tuned bi-encoder + untrained reranker",
+}
+BASELINES = {"bm25", "popularity"}  # do not depend on the run they were evaluated in
+QUALITY_METRICS = ("nDCG@10", "R@10", "R@100", "RR@10")
+DATASET_TITLES = {"quality_scifact": "SciFact (search)", "quality_movielens": "MovieLens (recommendation)"}
+META_KEYS = {"machine", "when", "bench", "note", "quick", "config", "dataset"}
+
+
+def load_results(results_dir: Path, names: tuple[str, ...] = KNOWN) -> tuple[dict[str, dict], list[str]]:
+    """The parsed ``<name>.json`` files that exist in ``results_dir``, and the names that do not."""
+    results, missing = {}, []
+    for name in names:
+        path = Path(results_dir) / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            missing.append(name)
+    return results, missing
+
+
+def _secs(x: float) -> str:
+    if x < 1:
+        return f"{x:.3f}"
+    return f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def _median(value: Any) -> float:
+    return float(value["median"]) if isinstance(value, dict) else float(value)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.strip("*").replace(",", ""))
+    except ValueError:
+        return cell == "–"
+    return True
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table; columns holding only numbers are right-aligned."""
+    align = ["---:" if rows and all(_is_number(r[i]) for r in rows) else "---" for i in range(len(header))]
+    return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
+
+
+def machine_line(results: dict[str, dict]) -> str:
+    """``Measured on <cpu>, <n> cores, torch <v>, faiss <v>`` for each distinct machine, and the dates."""
+    machines: list[str] = []
+    for data in results.values():
+        m = data.get("machine") or {}
+        parts = [str(m.get("cpu") or "unknown CPU")]
+        if m.get("cores"):
+            parts.append(f"{m['cores']} cores")
+        parts.append("GPU" if m.get("cuda") else "no GPU")
+        parts += [f"{lib} {m[lib]}" for lib in ("torch", "faiss") if m.get(lib)]
+        line = ", ".join(parts)
+        if line not in machines:
+            machines.append(line)
+    dates = sorted(str(d["when"])[:10] for d in results.values() if d.get("when"))
+    when = "" if not dates else f"; {dates[0]}" if dates[0] == dates[-1] else f"; {dates[0]} to {dates[-1]}"
+    return f"Measured on {' / '.join(machines)}{when}."
+
+
+def render_quality(name: str, data: dict[str, Any]) -> list[str]:
+    """One table per dataset: rows = rankings (each run's, identical repeats shown once), columns = metrics."""
+    runs = [(key, label) for key, label in QUALITY_RUNS.items() if data.get(key)]
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    for key, label in runs:
+        for ranking, values in data[key].items():
+            shown = {m: values[m] for m in QUALITY_METRICS if m in values}
+            if any(r == ranking and v == shown for _, r, v in rows):
+                continue
+            rows.append(("baseline" if ranking in BASELINES else label, ranking, shown))
+    metrics = [m for m in QUALITY_METRICS if any(m in v for _, _, v in rows)]
+    best = {m: max(v[m] for _, _, v in rows if m in v) for m in metrics}
+    with_run = len(runs) > 1
+    header = (["run"] if with_run else []) + ["ranking", *metrics]
+    body = []
+    for label, ranking, values in rows:
+        cells = [
+            "–" if m not in values else f"**{values[m]:.4f}**" if values[m] == best[m] else f"{values[m]:.4f}"
+            for m in metrics
+        ]
+        body.append(([label] if with_run else []) + [ranking, *cells])
+    title = DATASET_TITLES.get(name, name.removeprefix("quality_"))
+    about = ", ".join(
+        x
+        for x in (
+            data.get("dataset"),
+            "quick settings" if data.get("quick") else "",
+            str(data.get("when", "")),
+        )
+        if x
+    )
+    lines = [f"**{title}**" + (f" — {about}" if about else ""), "", *_table(header, body)]
+    if data.get("stage_seconds"):
+        times = ", ".join(
+            f"{k.replace('_', ' ')} {_secs(float(v))} s" for k, v in data["stage_seconds"].items()
+        )
+        lines += ["", f"Stage times: {times}."]
+    return lines
+
+
+def _performance_rows(results: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    if "ingest_eval" in results:
+        d = results["ingest_eval"]
+        if "ingest" in d:
+            ing = d["ingest"]
+            rows.append(
+                [
+                    f"ingest {ing['rows']:,} MovieLens ratings (CSV → DuckDB, one transaction)",
+                    f"{_secs(_median(ing['seconds']))} s",
+                    str(d.get("when", ""))[:10],
+                ]
+            )
+        if "evaluate" in d:
+            ev = d["evaluate"]
+            ours, ref = _median(ev["ours_seconds"]), _median(ev["ir_measures_seconds"])
+            ratio = ev.get("ratio_ours_over_ir_measures", ours / ref)
+            rows.append(
+                [
+                    f"evaluate {ev['requests']:,} requests × depth {ev['depth']} (nDCG, R, RR, AP)",
+                    f"{_secs(ours)} s vs ir_measures {_secs(ref)} s (ratio {ratio:.2f})",
+                    str(d.get("when", ""))[:10],
+                ]
+            )
+    if "encode" in results:
+        d = results["encode"]
+        plain, ours = d["plain_sentence_transformers"], d["biencoder"]
+        ratio = d.get("ratio_biencoder_over_plain", ours["seconds"] / plain["seconds"])
+        text = (
+            f"BiEncoder {_secs(ours['seconds'])} s vs plain sentence-transformers "
+            f"{_secs(plain['seconds'])} s (time ratio {ratio:.2f})"
+        )
+        if "cache_warm" in d:
+            text += f"; warm embedding cache {_secs(d['cache_warm']['seconds'])} s"
+        rows.append(
+            [
+                f"encode {d.get('texts', '?')} SciFact abstracts with MiniLM (max_seq_length {d.get('max_seq_length', '?')})",
+                text,
+                str(d.get("when", ""))[:10],
+            ]
+        )
+    if "latency" in results:
+        d = results["latency"]
+        for key, value in _numeric_leaves({k: v for k, v in d.items() if k not in META_KEYS}):
+            rows.append([f"latency: {key}", _secs(value) if "ms" not in key else f"{value:.2f}", ""])
+    return rows
+
+
+def _numeric_leaves(data: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Flattened ``a.b.c`` → number pairs of a nested dict (medians collapse their percentile dicts)."""
+    if isinstance(data, dict) and "median" in data:
+        return [(prefix, float(data["median"]))]
+    if isinstance(data, dict):
+        out = []
+        for k, v in data.items():
+            out += _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(data, int | float) and not isinstance(data, bool):
+        return [(prefix, float(data))]
+    return []
+
+
+def render_ann(data: dict[str, Any]) -> list[str]:
+    """One row per (vectors, index config): recall@k against exact search, latency, build time."""
+    body = []
+    k = None
+    for case in data.get("cases", []):
+        k = case.get("k", k)
+        name = case["dataset"]
+        vectors = f"{'SciFact MiniLM' if 'scifact' in name.lower() else name.split('(')[0]} ({case['items']:,}×{case['dim']})"
+        for r in case["results"]:
+            recall = next((v for key, v in r.items() if key.startswith("recall@")), None)
+            body.append(
+                [
+                    vectors,
+                    f"`{r['factory']}`"
+                    + "".join(f" {key}={value}" for key, value in r.get("search_params", {}).items()),
+                    "–" if recall is None else f"{recall:.4f}",
+                    f"{r['batch_ms_per_query']:.3f}",
+                    f"{r['single_query_ms']:.3f}",
+                    f"{r['build_s']:.2f}",
+                ]
+            )
+    header = ["vectors", "index", f"recall@{k}", "batch ms/query", "single query ms", "build s"]
+    return [
+        f"**ANN index configs** (`indexes/*.toml`) — recall against exact Flat search, {data.get('when', '')}",
+        "",
+        *_table(header, body),
+    ]
+
+
+def render(results: dict[str, dict]) -> str:
+    """The whole Results section (without the markers) for whichever benchmark results are present."""
+    if not results:
+        return "No benchmark results yet: run `make bench`, then `python tools/bench/readme_tables.py`."
+    lines = [
+        "<!-- generated by tools/bench/readme_tables.py from tools/bench/results/*.json; do not edit -->",
+        machine_line(results),
+    ]
+    quality = [n for n in results if n.startswith("quality_")]
+    if quality:
+        lines += ["", "### Quality", ""]
+        for n, name in enumerate(quality):
+            lines += ([""] if n else []) + render_quality(name, results[name])
+    perf = _performance_rows(results)
+    if perf or "ann" in results:
+        lines += ["", "### Performance", ""]
+    if perf:
+        lines += _table(["benchmark", "result", "measured"], perf)
+    if "ann" in results:
+        lines += ([""] if perf else []) + render_ann(results["ann"])
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the text between the results markers of ``readme`` with ``section``; nothing else changes."""
+    text = Path(readme).read_text(encoding="utf-8")
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme}: no '{START}' ... '{END}' markers; add them where the results go")
+    new = text[: start + len(START)] + "\n" + section.strip("\n") + "\n" + text[end:]
+    Path(readme).write_text(new, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory of benchmark JSON files")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing it")
+    args = parser.parse_args(argv)
+    # 1. read whatever results exist
+    results, missing = load_results(args.results)
+    print(f"rendered: {', '.join(results) or 'nothing'}", file=sys.stderr)
+    if missing:
+        print(f"skipped (no JSON): {', '.join(missing)}", file=sys.stderr)
+    # 2. render and write between the markers
+    section = render(results)
+    if args.dry_run:
+        print(section)
+    else:
+        update_readme(args.readme, section)
+        print(f"updated {args.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
