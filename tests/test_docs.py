@@ -58,21 +58,9 @@ def test_walk_finds_the_documented_commands():
 
 
 # click re-flows a docstring paragraph, so "Example:" must start its own paragraph to show as its own line
-_HELP_KNOWN_BAD = {
-    (
-        "demo",
-    ): "cli.py: demo's docstring needs a blank line before 'Example:' (click joins it into the paragraph)"
-}
 HELP_CASES = [
-    pytest.param(
-        path,
-        command,
-        id=" ".join(path) or "twostage",
-        marks=[pytest.mark.xfail(reason=_HELP_KNOWN_BAD[path], strict=True)]
-        if path in _HELP_KNOWN_BAD
-        else [],
-    )
-    for path, command in [((), cli), *LEAVES]
+    pytest.param(path, command, id=" ".join(path) or "twostage")
+    for path, command in [((), cli), *LEAVES, *GROUPS]
 ]
 
 

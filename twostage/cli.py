@@ -163,7 +163,10 @@ def ingest(ctx, kind, file, maps, event, part, keep_rejects, out: Output) -> Non
 
 @cli.group()
 def datasets() -> None:
-    """Known dataset layouts (MovieLens, BEIR) and the bundled sample."""
+    """Known dataset layouts (MovieLens, BEIR) and the bundled sample.
+
+    Example: twostage datasets load movielens ../shared/data/ml-latest-small
+    """
 
 
 @datasets.command("load")
@@ -222,7 +225,10 @@ def sql(ctx, query, out: Output) -> None:
 
 @cli.group()
 def train() -> None:
-    """Fine-tune the stage-1 bi-encoder or the stage-2 cross-encoder on the project's split."""
+    """Fine-tune the stage-1 bi-encoder or the stage-2 cross-encoder on the project's split.
+
+    Example: twostage train retriever && twostage index build && twostage train reranker
+    """
 
 
 @train.command("retriever")
@@ -266,7 +272,10 @@ def train_reranker(ctx, split_name, loss, epochs, out: Output) -> None:
 
 @cli.group()
 def index() -> None:
-    """Build, update and inspect the FAISS index of item embeddings."""
+    """Build, update and inspect the FAISS index of item embeddings.
+
+    Example: twostage index build --build hnsw && twostage index info
+    """
 
 
 @index.command("build")
@@ -433,6 +442,7 @@ def demo(ctx, demo_dir, out: Output) -> None:
     """Run the whole pipeline on the bundled sample and print metrics and explained recommendations.
 
     Ingest → split → fine-tune retriever → build index → train reranker → evaluate against baselines.
+
     Example: twostage demo --project /tmp/demo
     """
     from twostage.demo import run_demo
