@@ -94,11 +94,16 @@ class RetrieverConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The FAISS index: a named build config from ``indexes/`` (or a factory string) and the recall depth."""
+    """The FAISS index: a named build config from ``indexes/`` (or a factory string) and the recall depth.
+
+    ``exclude_seen`` drops a user's own history from recall (full-ranking protocol); turn it off where users
+    re-consume items (groceries, music), or a repeated held-out item could never be hit.
+    """
 
     name: str = "default"
     build: str = "flat"
     depth: int = 100
+    exclude_seen: bool = True
     use_gpu: bool | None = None
 
 

@@ -208,7 +208,11 @@ class Engine:
         return {
             "model_fingerprint": encoder.fingerprint,
             "dim": encoder.dim,
+            "text_fingerprint": self._text_fingerprint(),
         }
+
+    def _text_fingerprint(self) -> str:
+        return self.config.hash("text")
 
     def item_vectors(self, encoder: BiEncoder, item_ids: list[str] | None = None) -> tuple[list[str], Any]:
         """Embeddings of catalogue items, through the project's embedding cache (only changed texts re-encode)."""
@@ -226,12 +230,13 @@ class Engine:
 
         encoder = self.retriever()
         ids, vecs = self.item_vectors(encoder)
-        spec = load_spec(build or self.config.index.build)
+        spec = load_spec(build or self.config.index.build, dirs=[self.project_dir / "indexes"])
         index = VectorIndex.build(
             ids,
             vecs,
             spec,
             model_fingerprint=encoder.fingerprint,
+            text_fingerprint=self._text_fingerprint(),
             use_gpu=self.config.index.use_gpu,
             progress=self.progress,
         )
@@ -244,21 +249,33 @@ class Engine:
     def update_index(
         self, item_ids: list[str] | None = None, *, remove: list[str] | None = None, name: str | None = None
     ) -> dict[str, Any]:
-        """Add or re-encode ``item_ids`` (all changed items when None) and drop ``remove``, without a full rebuild."""
-        index = self.index(name)
+        """Add or re-encode ``item_ids`` (all items missing from the index when None) and drop ``remove``,
+        without a full rebuild.
+
+        Copy-on-write: a private copy is changed and saved, then swapped in, so searches running in other
+        threads never see a half-updated index.
+        """
+        from twostage.index import VectorIndex
+
+        path = self.index_dir(name)
+        if not path.exists():
+            raise NotFoundError(f"no index at {path}; build one with 'twostage index build'")
+        encoder = self.retriever()
+        index = VectorIndex.load(path, expect=self._index_expect(encoder))
         catalogue = self.catalogue()
         if remove:
             index.remove(remove)
         if item_ids is None:
-            item_ids = [i for i in catalogue.item_ids if i not in set(index.item_ids)]
+            item_ids = [i for i in catalogue.item_ids if i not in index]
         if item_ids:
             unknown = [i for i in item_ids if i not in catalogue]
             if unknown:
                 raise NotFoundError(f"unknown item_id '{unknown[0]}'; ingest it first")
-            ids, vecs = self.item_vectors(self.retriever(), item_ids)
+            ids, vecs = self.item_vectors(encoder, item_ids)
             index.upsert(ids, vecs)
-        index.save(self.index_dir(name))
+        index.save(path)
         with self._lock:
+            self._indexes[str(path)] = index
             self._pipeline = None
         return dict(index.manifest)
 
@@ -319,7 +336,13 @@ class Engine:
             explain: attach to each hit the history items that drove it (leave-one-out on the context).
             diversify: MMR λ in [0, 1] (1 = no diversification); None uses the config's ``reranker.mmr_lambda``.
         """
-        request = live_user_request(self.store, self.catalogue(), self.config.text, str(user_id))
+        request = live_user_request(
+            self.store,
+            self.catalogue(),
+            self.config.text,
+            str(user_id),
+            exclude_seen=self.config.index.exclude_seen,
+        )
         lam = self.config.reranker.mmr_lambda if diversify is None else diversify
         return self._serve(request, k, stage=stage, explain=explain, diversify=lam)
 

@@ -109,12 +109,12 @@ def judged_gains(
     split: str,
     part: str,
     depth: int,
-    max_requests: int | None = None,
+    request_ids: Sequence[str] | None = None,
 ) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
     """Join a ranking to the held-out targets in SQL.
 
-    Returns the evaluated request ids (every request with targets in ``split/part``, including those the
-    ranking has nothing for, which score 0), the gains matrix (requests × depth: the relevance grade of the
+    Returns the evaluated request ids (every request with targets in ``split/part``, or those of them in
+    ``request_ids`` when given; requests the ranking has nothing for are kept and score 0), the gains matrix (requests × depth: the relevance grade of the
     item at each rank, 0 when not relevant or missing), and each request's relevant grades.
     """
     cur = store.cursor()
@@ -127,8 +127,10 @@ def judged_gains(
         """,
         [split, part],
     ).fetchall()
-    if max_requests is not None:
-        targets = targets[:max_requests]
+    if request_ids is not None:
+        # exactly the requests that were run, in their order; one without targets would score 0 on nothing
+        by_id = {r[0]: r for r in targets}
+        targets = [by_id[r] for r in request_ids if r in by_id]
     request_ids = [r[0] for r in targets]
     position = {r: n for n, r in enumerate(request_ids)}
     gains = np.zeros((len(request_ids), depth), dtype=np.float64)
@@ -178,7 +180,7 @@ def evaluate_ranking(
     part: str,
     ks: Sequence[int],
     metric_names: Sequence[str],
-    max_requests: int | None = None,
+    request_ids: Sequence[str] | None = None,
     beyond: Callable[[list[list[str]]], dict[str, float]] | None = None,
     beyond_k: int = 10,
     seconds: float | None = None,
@@ -186,7 +188,7 @@ def evaluate_ranking(
     """Evaluate one stored ranking and write its per-request and mean metrics back to the store."""
     depth = max(ks)
     request_ids, gains, relevant = judged_gains(
-        store, run_id=run_id, stage=stage, split=split, part=part, depth=depth, max_requests=max_requests
+        store, run_id=run_id, stage=stage, split=split, part=part, depth=depth, request_ids=request_ids
     )
     values = M.ranking_metrics(gains, relevant, ks=tuple(ks), metrics=tuple(metric_names))
     per_request = {M.metric_label(m, k): v for (m, k), v in values.items()}

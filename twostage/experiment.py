@@ -47,7 +47,13 @@ def run_evaluation(
     catalogue = engine.catalogue()
     kind = store.require_split(split)
     requests = split_requests(
-        store, catalogue, config.text, split=split, part=part, max_requests=max_requests
+        store,
+        catalogue,
+        config.text,
+        split=split,
+        part=part,
+        max_requests=max_requests,
+        exclude_seen=config.index.exclude_seen,
     )
     ks = tuple(sorted(config.eval.ks))
     depth = max(max(ks), config.index.depth)
@@ -83,6 +89,7 @@ def run_evaluation(
                 part=part,
                 ks=ks,
                 metric_names=config.eval.metrics,
+                request_ids=[r.request_id for r in requests],
                 beyond=beyond,
                 seconds=secs,
             )
@@ -214,6 +221,7 @@ def _mmr_sweep(
             part=part,
             ks=(k,),
             metric_names=("ndcg", "recall"),
+            request_ids=[r.request_id for r in requests],
             beyond=beyond,
         )
         sweep.append(

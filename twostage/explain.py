@@ -47,11 +47,12 @@ def explain_hits(
 def _explain_recommendation(engine, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
     config = engine.config.text
     catalogue = engine.catalogue()
-    context = [h for h in request.history if h in catalogue][: config.history_size]
+    index = engine.pipeline().index
+    context = [h for h in request.history[: config.history_size] if h in catalogue and h in index]
     variants = [user_text([h for h in context if h != drop], catalogue, config) for drop in context]
     scores = _scores(engine, [request.text, *variants], item_ids, use_rerank)
     base, edited = scores[0], scores[1:]
-    vecs = engine.pipeline().index.vectors(list(context) + list(item_ids)) if context else None
+    vecs = index.vectors(list(context) + list(item_ids)) if context else None
     out: dict[str, dict[str, Any]] = {}
     for col, item_id in enumerate(item_ids):
         drops = base[col] - edited[:, col] if len(context) else np.zeros(0)

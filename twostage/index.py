@@ -366,6 +366,7 @@ class VectorIndex:
         spec: IndexSpec,
         *,
         model_fingerprint: str,
+        text_fingerprint: str | None = None,
         use_gpu: bool | None = None,
         progress: bool = False,
     ) -> VectorIndex:
@@ -376,6 +377,8 @@ class VectorIndex:
             item_vecs: (n, dim) embeddings; copied, and normalised when ``spec.normalize``.
             spec: the build config (see :func:`load_spec`).
             model_fingerprint: identifies the encoder; stored in the manifest and checked by :meth:`load`.
+            text_fingerprint: identifies how items became text (the item template); stored and checked
+                like ``model_fingerprint``, since changing the template changes every vector.
             use_gpu: ``None`` uses the GPU when FAISS sees one; ``True`` requires it; ``False`` stays on CPU.
             progress: show a progress bar while adding.
 
@@ -426,6 +429,7 @@ class VectorIndex:
             index = faiss.index_gpu_to_cpu(work)
         meta = {
             "model_fingerprint": model_fingerprint,
+            "text_fingerprint": text_fingerprint,
             "resolved_factory": factory,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
@@ -466,6 +470,7 @@ class VectorIndex:
             "format_version": FORMAT_VERSION,
             "twostage_version": _version(),
             "model_fingerprint": self._meta["model_fingerprint"],
+            "text_fingerprint": self._meta.get("text_fingerprint"),
             "dim": self.dim,
             "metric": self._spec.metric,
             "factory": self._spec.factory,
@@ -770,6 +775,7 @@ class VectorIndex:
             ) from e
         meta = {
             "model_fingerprint": manifest["model_fingerprint"],
+            "text_fingerprint": manifest.get("text_fingerprint"),
             "resolved_factory": manifest.get("resolved_factory", manifest["factory"]),
             "created_at": manifest.get("created_at"),
         }

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
 
 Scored = list[tuple[str, float]]
 
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: object) -> threading.Lock:
+    """One lock per model object, shared by every Pipeline that uses it (pipelines are rebuilt on updates)."""
+    with _LOCKS_GUARD:
+        lock = getattr(model, "_twostage_lock", None)
+        if lock is None:
+            lock = threading.Lock()
+            model._twostage_lock = lock  # type: ignore[attr-defined]
+        return lock
+
 
 class Pipeline:
     """Recall and rerank with fixed models; safe to call from many threads.
@@ -42,8 +54,8 @@ class Pipeline:
         self.catalogue = catalogue
         self.reranker = reranker
         self.fusion_weight = fusion_weight
-        self._encode_lock = threading.Lock()
-        self._rerank_lock = threading.Lock()
+        self._encode_lock = model_lock(encoder)
+        self._rerank_lock = model_lock(reranker) if reranker is not None else threading.Lock()
 
     def encode(self, texts: Sequence[str]):
         """Bi-encoder vectors for texts (under the model lock)."""

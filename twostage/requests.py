@@ -72,14 +72,26 @@ def split_requests(
     split: str,
     part: str,
     max_requests: int | None = None,
+    exclude_seen: bool = True,
 ) -> list[Request]:
     """The requests of a held-out part, in request_id order, rendered as text.
 
     Users get their history strictly before the part's cut-off (the held-out event never leaks), and that
-    history is what recall excludes (the standard full-ranking protocol). Queries get their text.
+    history is what recall excludes (the standard full-ranking protocol; turn it off with ``exclude_seen``
+    where users re-consume items, or a repeated target could never be hit). Queries get their text.
     """
     kind = store.require_split(split)
     targets = store.targets(split, part)
+    if not targets:
+        parts = sorted(
+            {
+                p
+                for (p,) in store.cursor()
+                .execute("SELECT DISTINCT part FROM splits WHERE split = ?", [split])
+                .fetchall()
+            }
+        )
+        raise NotFoundError(f"split '{split}' has no part '{part}' (parts: {', '.join(parts)})")
     ids = sorted(targets)
     if max_requests is not None:
         ids = ids[:max_requests]
@@ -93,14 +105,22 @@ def split_requests(
         return [Request(q, texts[q]) for q in ids]
     histories = store.histories(ids, cutoffs=store.cutoffs(split, part))
     return [
-        Request(u, user_text(histories[u], catalogue, config), frozenset(histories[u]), tuple(histories[u]))
+        Request(
+            u,
+            user_text(histories[u], catalogue, config),
+            frozenset(histories[u]) if exclude_seen else frozenset(),
+            tuple(histories[u]),
+        )
         for u in ids
     ]
 
 
-def live_user_request(store: Store, catalogue: Catalogue, config: TextConfig, user_id: str) -> Request:
+def live_user_request(
+    store: Store, catalogue: Catalogue, config: TextConfig, user_id: str, *, exclude_seen: bool = True
+) -> Request:
     """A user's request for serving: all their events, newest first."""
     history = store.histories([user_id])[user_id]
     if not history:
         raise NotFoundError(f"unknown user '{user_id}' (no events); check the id or ingest their events")
-    return Request(user_id, user_text(history, catalogue, config), frozenset(history), tuple(history))
+    exclude = frozenset(history) if exclude_seen else frozenset()
+    return Request(user_id, user_text(history, catalogue, config), exclude, tuple(history))

@@ -195,14 +195,20 @@ class Store:
             raise InputError("is a directory, expected a file", file=str(path))
         if path.stat().st_size == 0:
             raise InputError("file is empty", file=str(path))
+        import duckdb
+
         started = time.perf_counter()
         reader = _reader_sql(path)
         con = self.con
         con.execute("BEGIN TRANSACTION")
         try:
-            report = self._ingest_in_transaction(
-                path, kind, reader, dict(mapping or {}), keep_rejects, event, part, category_separator
-            )
+            try:
+                report = self._ingest_in_transaction(
+                    path, kind, reader, dict(mapping or {}), keep_rejects, event, part, category_separator
+                )
+            except duckdb.Error as e:
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), str(e))
+                raise InputError(f"cannot be loaded: {first.strip()}", file=str(path)) from e
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -328,10 +334,13 @@ class Store:
                 checks.append(
                     f"SELECT _row, {label} AS col, 'missing value' AS reason FROM _src WHERE {q} IS NULL OR {as_text} = ''"
                 )
-            if ctype in ("id", "text"):
+            if target in defaults:
+                exprs.append((target, f"coalesce(nullif({as_text}, ''), {lit(defaults[target])})"))
+            elif ctype in ("id", "text"):
                 exprs.append((target, as_text if ctype == "id" else f"CAST({q} AS VARCHAR)"))
             elif ctype == "double":
-                exprs.append((target, f"TRY_CAST({q} AS DOUBLE)"))
+                fallback = "1.0" if target == "relevance" else "NULL"
+                exprs.append((target, f"coalesce(TRY_CAST({q} AS DOUBLE), {fallback})"))
                 checks.append(
                     f"SELECT _row, {label}, 'not a number: ' || {as_text} FROM _src "
                     f"WHERE {q} IS NOT NULL AND {as_text} <> '' AND TRY_CAST({q} AS DOUBLE) IS NULL"
@@ -339,8 +348,9 @@ class Store:
             elif ctype == "timestamp":
                 expr = (
                     f"CASE WHEN TRY_CAST({q} AS DOUBLE) IS NOT NULL "
-                    f"THEN make_timestamp(CAST(TRY_CAST({q} AS DOUBLE) * 1000000 AS BIGINT)) "
-                    f"ELSE TRY_CAST({as_text} AS TIMESTAMP) END"
+                    f"THEN (CASE WHEN isfinite(TRY_CAST({q} AS DOUBLE)) AND abs(TRY_CAST({q} AS DOUBLE)) < 9.2e12 "
+                    f"THEN make_timestamp(CAST(TRY_CAST({q} AS DOUBLE) * 1000000 AS BIGINT)) END) "
+                    f"ELSE TRY_CAST(TRY_CAST({as_text} AS TIMESTAMPTZ) AS TIMESTAMP) END"
                 )
                 exprs.append((target, expr))
                 checks.append(
@@ -365,6 +375,15 @@ class Store:
                 f"SELECT _row, {lit(source[key])}, 'duplicate {key} ' || trim(CAST({k} AS VARCHAR)) || "
                 f"' (first at row ' || first_row || ')' FROM (SELECT _row, {k}, "
                 f"min(_row) OVER (PARTITION BY trim(CAST({k} AS VARCHAR))) AS first_row FROM _src) WHERE _row > first_row"
+            )
+        if kind == "judgments":
+            q_, i_ = _quote(source["query_id"] or "query_id"), _quote(source["item_id"] or "item_id")
+            p_ = _quote(source["part"]) if source["part"] else lit(part)
+            checks.append(
+                f"SELECT _row, {lit(source['item_id'])}, 'duplicate judgment for query ' || trim(CAST({q_} AS VARCHAR)) "
+                f"|| ' and item ' || trim(CAST({i_} AS VARCHAR)) || ' (first at row ' || first_row || ')' FROM ("
+                f"SELECT _row, {q_}, {i_}, min(_row) OVER (PARTITION BY trim(CAST({q_} AS VARCHAR)), "
+                f"trim(CAST({i_} AS VARCHAR)), CAST({p_} AS VARCHAR)) AS first_row FROM _src) WHERE _row > first_row"
             )
         if kind in ("events", "judgments"):
             k = _quote(source["item_id"] or "item_id")
@@ -662,8 +681,7 @@ class Store:
     def cutoffs(self, split: str, part: str) -> dict[str, tuple[Any, int]]:
         """Per user: the (ts, seq) before which their history may be used for this part."""
         rows = self.con.execute(
-            "SELECT request_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)), min(cutoff_seq) FILTER "
-            "(WHERE cutoff_seq IS NOT NULL) FROM splits WHERE split = ? AND part = ? GROUP BY 1",
+            "SELECT request_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)), min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) FROM splits WHERE split = ? AND part = ? GROUP BY 1",
             [split, part],
         ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
@@ -715,7 +733,7 @@ class Store:
             f"""
             WITH cut AS (
                 SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
-                       min(cutoff_seq) AS cseq
+                       min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
                 FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1)
             SELECT e.user_id, e.item_id, {grade_sql}, e.ts, e.seq
             FROM events e LEFT JOIN cut c ON c.user_id = e.user_id
@@ -736,7 +754,7 @@ class Store:
                 """
                 WITH cut AS (
                     SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
-                           min(cutoff_seq) AS cseq
+                           min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
                     FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1)
                 SELECT e.item_id, count(DISTINCT e.user_id) FROM events e LEFT JOIN cut c USING (user_id)
                 WHERE c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq) GROUP BY 1

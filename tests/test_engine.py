@@ -1,0 +1,161 @@
+"""The Engine end to end on a tiny synthetic catalogue with the tiny random BERT (fast)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from twostage import Engine, Hit, Ranking
+from twostage.errors import IndexMismatchError, NotFoundError, TwostageError
+
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
+
+
+def make_movielens(root: Path, *, n_items: int = 40, n_users: int = 24, seed: int = 0) -> Path:
+    """A small MovieLens-layout folder where each user sticks to one genre (so there is signal to learn)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["movieId,title,genres"]
+    by_genre: dict[str, list[int]] = {g: [] for g in GENRES}
+    for i in range(1, n_items + 1):
+        genre = GENRES[i % len(GENRES)]
+        by_genre[genre].append(i)
+        lines.append(f"{i},{genre.lower()} film {i} ({1990 + i % 20}),{genre}")
+    (root / "movies.csv").write_text("\n".join(lines) + "\n")
+    ratings = ["userId,movieId,rating,timestamp"]
+    for u in range(1, n_users + 1):
+        genre = GENRES[u % len(GENRES)]
+        items = rng.sample(by_genre[genre], 6)
+        for t, i in enumerate(items):
+            ratings.append(f"{u},{i},{rng.choice([3.0, 4.0, 5.0])},{1_000_000 + u * 100 + t}")
+    (root / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory, tiny_bert_path) -> Path:
+    root = tmp_path_factory.mktemp("engine")
+    data = make_movielens(root / "data")
+    project = root / "project"
+    Engine.init(project)
+    (project / "twostage.toml").write_text(
+        f"""
+[retriever]
+model = "{tiny_bert_path}"
+max_seq_length = 48
+train_batch_size = 8
+eval_requests = 10
+[reranker]
+model = "{tiny_bert_path}"
+max_length = 64
+depth = 8
+list_size = 4
+max_train_requests = 12
+eval_requests = 6
+[index]
+depth = 20
+[eval]
+ks = [1, 5, 10]
+bootstrap = 200
+"""
+    )
+    engine = Engine.open(project)
+    engine.load_dataset("movielens", data)
+    engine.split()
+    engine.train_retriever()
+    engine.build_index()
+    engine.train_reranker()
+    engine.close()
+    return project
+
+
+def test_pipeline_trains_and_saves_models(trained_project):
+    assert (trained_project / "models" / "retriever" / "training.json").exists()
+    assert (trained_project / "models" / "reranker" / "training.json").exists()
+    assert (trained_project / "indexes" / "default" / "manifest.json").exists()
+
+
+def test_recommend_excludes_history_and_explains(trained_project):
+    engine = Engine.open(trained_project)
+    ranking = engine.recommend("3", k=5, explain=True)
+    assert isinstance(ranking, Ranking)
+    assert len(ranking.hits) == 5
+    assert [h.rank for h in ranking.hits] == [1, 2, 3, 4, 5]
+    history = set(engine.store.histories(["3"])["3"])
+    assert not history & set(ranking.item_ids())
+    assert all(isinstance(h, Hit) and h.stage == "rerank" for h in ranking.hits)
+    drivers = ranking.hits[0].explanation["drivers"]
+    assert drivers and {d["item_id"] for d in drivers} <= history
+    # the explanation is faithful: the reported drop is the reranker's own score change
+    assert all(isinstance(d["score_drop"], float) for d in drivers)
+
+
+def test_recall_stage_only(trained_project):
+    engine = Engine.open(trained_project)
+    ranking = engine.recommend("3", k=3, stage="recall")
+    assert all(h.stage == "recall" and h.rerank_score is None for h in ranking.hits)
+    scores = [h.score for h in ranking.hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_search_and_errors(trained_project):
+    engine = Engine.open(trained_project)
+    assert len(engine.search("comedy film", k=3).hits) == 3
+    with pytest.raises(TwostageError, match="empty query"):
+        engine.search("   ")
+    with pytest.raises(NotFoundError, match="unknown user 'nobody'"):
+        engine.recommend("nobody")
+    with pytest.raises(NotFoundError, match="no index"):
+        engine.index("missing")
+
+
+def test_evaluate_writes_metrics_and_compares(trained_project, tmp_path):
+    engine = Engine.open(trained_project)
+    report = engine.evaluate(report=tmp_path / "r.html", mmr_lambdas=(0.5,))
+    names = [r.name for r in report.rows]
+    assert names[:2] == ["popularity", "zero-shot"]
+    assert "recall" in names and "rerank" in names
+    for row in report.rows:
+        assert row.n_requests == 24
+        assert 0.0 <= row.means["nDCG@10"] <= 1.0
+    stored = engine.sql(
+        "SELECT count(DISTINCT stage) FROM metrics WHERE run_id = '" + report.extra["run_id"] + "'"
+    )[1][0][0]
+    assert stored >= 4
+    assert any(c["a"] == "recall" and c["b"] == "rerank" for c in report.comparisons)
+    html = (tmp_path / "r.html").read_text()
+    assert "<img" in html and "nDCG@10" in html
+    assert report.extra["mmr_sweep"][0]["lambda"] == 0.5
+
+
+def test_index_refuses_other_model(trained_project, tiny_bert_path):
+    engine = Engine.open(trained_project, overrides={"text.item_template": "{title} only"})
+    with pytest.raises(IndexMismatchError, match="text_fingerprint"):
+        engine.index()
+
+
+def test_concurrent_requests_match_sequential(trained_project):
+    engine = Engine.open(trained_project)
+    users = [str(u) for u in range(1, 13)]
+    expected = {u: engine.recommend(u, k=5).item_ids() for u in users}
+    found: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def work(user: str) -> None:
+        try:
+            for _ in range(3):
+                found[user] = engine.recommend(user, k=5).item_ids()
+                engine.search("drama film", k=3)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert found == expected
