@@ -368,9 +368,10 @@ def train_reranker(
 
     import torch
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
 
     from twostage.rerank import load_cross_encoder
+    from twostage.train import keep_stdout_clean
 
     set_seed(seed)
     model, fresh_head = load_cross_encoder(base_model, device=device, max_length=max_length)
@@ -419,8 +420,7 @@ def train_reranker(
             evaluator=evaluator,
             callbacks=callbacks,
         )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)  # it prints log dicts when tqdm is off; we log instead
+        keep_stdout_clean(trainer)
         output = trainer.train()
         seconds = time.perf_counter() - started
         steps = int(trainer.state.global_step)

@@ -157,7 +157,9 @@ def train_retriever(
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
+
+    from twostage.train import keep_stdout_clean
 
     class _Trainer(SentenceTransformerTrainer):
         def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
@@ -228,7 +230,7 @@ def train_retriever(
             evaluator=evaluator,
             callbacks=callbacks,
         )
-        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+        keep_stdout_clean(trainer)
         with transformers_progress(progress):
             trainer.train()
 
