@@ -1,0 +1,319 @@
+"""Speed against the plain sentence-transformers pipeline, in the same process on the same models (issue 7).
+
+The plain pipeline is what users write by hand: ``SentenceTransformer.encode`` + ``faiss.IndexFlatIP`` +
+``CrossEncoder.predict`` on every one of the 100 candidates. Ours is ``Engine.search``/``recommend`` with the
+rerank depth chosen on validation queries (the smallest depth whose nDCG@10 is within 0.005 of depth 100).
+
+1. search latency (SciFact test queries, stage-1 depth 100 → top 10): p50/p99, nDCG@10 of both
+2. recommendation latency (ml-latest-small users): p50/p99, nDCG@10 of both
+3. batch throughput (requests/s) when evaluating: ours batches across requests
+4. index build: items/s, encode + index, ours (cold cache) vs plain; incremental 1% update vs full rebuild
+5. the ceiling: measured GEMM GFLOP/s on reranker-shaped matrices and FLOPs per reranked pair
+
+Needs the projects left by ``bench_quality.py scifact`` and ``bench_quality.py movielens``.
+Usage: python tools/bench/bench_latency.py [--queries 60]  → tools/bench/results/latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import percentiles, repeat, write
+
+from twostage import Engine
+from twostage.metrics import ranking_metrics
+
+BENCH = Path(tempfile.gettempdir()) / "twostage-bench"
+DEPTH = 100
+K = 10
+
+
+def ndcg10(rankings: list[list[str]], targets: list[dict[str, float]]) -> float:
+    gains = np.array(
+        [[t.get(i, 0.0) for i in (r + [""] * K)[:K]] for r, t in zip(rankings, targets, strict=True)]
+    )
+    relevant = [np.array(sorted(t.values(), reverse=True)) for t in targets]
+    return float(ranking_metrics(gains, relevant, ks=(K,), metrics=("ndcg",))[("ndcg", K)].mean())
+
+
+class Plain:
+    """The hand-written glue: encode, exact inner-product search, cross-encode every candidate."""
+
+    def __init__(self, engine: Engine):
+        import faiss
+        from sentence_transformers import CrossEncoder, SentenceTransformer
+
+        self.catalogue = engine.catalogue()
+        self.ids = self.catalogue.item_ids
+        self.bi = SentenceTransformer(str(engine.models_dir("retriever")), device="cpu")
+        self.ce = CrossEncoder(str(engine.models_dir("reranker")), device="cpu")
+        vecs = self.bi.encode(
+            [self.catalogue.text(i) for i in self.ids], normalize_embeddings=True, batch_size=64
+        )
+        self.index = faiss.IndexFlatIP(vecs.shape[1])
+        self.index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+
+    def candidates(self, text: str, exclude: frozenset[str] = frozenset()) -> list[str]:
+        qv = self.bi.encode([text], normalize_embeddings=True)
+        _, rows = self.index.search(np.ascontiguousarray(qv, dtype=np.float32), DEPTH + len(exclude))
+        return [self.ids[r] for r in rows[0] if r >= 0 and self.ids[r] not in exclude][:DEPTH]
+
+    def rerank_scores(self, text: str, cands: list[str]) -> np.ndarray:
+        return np.asarray(self.ce.predict([(text, self.catalogue.text(i)) for i in cands], batch_size=32))
+
+    def query(self, text: str, exclude: frozenset[str] = frozenset()) -> list[str]:
+        cands = self.candidates(text, exclude)
+        scores = self.rerank_scores(text, cands)
+        return [cands[j] for j in np.argsort(-scores, kind="stable")[:K]]
+
+
+def choose_depth(
+    plain: Plain, texts: list[str], targets: list[dict[str, float]], excludes: list[frozenset[str]]
+) -> dict[str, Any]:
+    """Score each validation request's 100 candidates once; nDCG@10 at depth d reranks only the top d."""
+    per_request = []
+    for text, ex in zip(texts, excludes, strict=True):
+        cands = plain.candidates(text, ex)
+        per_request.append((cands, plain.rerank_scores(text, cands)))
+    table = {}
+    for d in (5, 10, 15, 20, 30, 50, 100):
+        lists = []
+        for cands, scores in per_request:
+            head = np.argsort(-scores[:d], kind="stable")
+            lists.append([cands[j] for j in head][:K] + cands[d:][: max(0, K - d)])
+        table[d] = ndcg10(lists, targets)
+    chosen = min(d for d, v in table.items() if v >= table[100] - 0.005)
+    return {"ndcg_by_depth": table, "chosen": chosen}
+
+
+def latency_pair(
+    engine: Engine, plain: Plain, requests: list[tuple[str, str, frozenset[str]]], serve: Any
+) -> dict[str, Any]:
+    """Per-request wall time, ours and plain, interleaved so load drifts hit both alike."""
+    ours_t, plain_t, ours_lists, plain_lists = [], [], [], []
+    for _request_id, text, exclude in requests:
+        started = time.perf_counter()
+        ours_lists.append(serve(text))
+        ours_t.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        plain_lists.append(plain.query(text, exclude))
+        plain_t.append(time.perf_counter() - started)
+    ours, base = percentiles(ours_t), percentiles(plain_t)
+    return {
+        "ours_seconds": ours,
+        "plain_seconds": base,
+        "ratio_p50": ours["p50"] / base["p50"],
+        "ratio_p99": ours["p99"] / base["p99"],
+        "ours_lists": ours_lists,
+        "plain_lists": plain_lists,
+    }
+
+
+def search_bench(n_queries: int, n_valid: int) -> dict[str, Any]:
+    from twostage.train.examples import _validation_queries
+
+    engine = Engine.open(BENCH / "scifact")
+    plain = Plain(engine)
+    store = engine.store
+    # depth from held-out validation queries (never the test queries)
+    val_targets, _ = _validation_queries(store, "given", engine.config.retriever.seed)
+    val_ids = sorted(val_targets)[:n_valid]
+    texts = store.query_texts(val_ids)
+    depth = choose_depth(
+        plain, [texts[q] for q in val_ids], [val_targets[q] for q in val_ids], [frozenset()] * len(val_ids)
+    )
+    engine = Engine.open(
+        BENCH / "scifact", overrides={"reranker.depth": depth["chosen"], "index.depth": DEPTH}
+    )
+    test = store.targets("given", "test")
+    ids = sorted(test)
+    random.Random(0).shuffle(ids)
+    ids = ids[:n_queries]
+    qtexts = store.query_texts(ids)
+    engine.search(qtexts[ids[0]], K)  # warm-up both
+    plain.query(qtexts[ids[0]])
+    out = latency_pair(
+        engine, plain, [(q, qtexts[q], frozenset()) for q in ids], lambda t: engine.search(t, K).item_ids()
+    )
+    targets = [test[q] for q in ids]
+    out["ours_ndcg10"] = ndcg10(out.pop("ours_lists"), targets)
+    out["plain_ndcg10"] = ndcg10(out.pop("plain_lists"), targets)
+    out["depth_selection"] = depth
+    out["queries"] = len(ids)
+    # batch throughput: ours reranks all requests' pairs in one batched pass; plain loops per query
+    from twostage.requests import Request
+
+    reqs = [Request(q, qtexts[q]) for q in ids]
+    pipe = engine.pipeline()
+    ours_batch = repeat(lambda: pipe.run(reqs, depth=DEPTH, rerank_depth=depth["chosen"]), 1)[0]
+    out["throughput"] = {
+        "ours_requests_per_s": len(reqs) / ours_batch,
+        "plain_requests_per_s": 1.0 / out["plain_seconds"]["median"],
+    }
+    out["throughput"]["ratio"] = (
+        out["throughput"]["ours_requests_per_s"] / out["throughput"]["plain_requests_per_s"]
+    )
+    return out
+
+
+def recommend_bench(n_users: int) -> dict[str, Any]:
+    from twostage.requests import split_requests
+
+    engine = Engine.open(BENCH / "movielens")
+    plain = Plain(engine)
+    store = engine.store
+    valid = split_requests(
+        store,
+        engine.catalogue(),
+        engine.config.text,
+        split="leave-last-out",
+        part="valid",
+        max_requests=n_users,
+    )
+    vt = store.targets("leave-last-out", "valid")
+    depth = choose_depth(
+        plain, [r.text for r in valid], [vt[r.request_id] for r in valid], [r.exclude for r in valid]
+    )
+    engine = Engine.open(
+        BENCH / "movielens",
+        overrides={"reranker.depth": depth["chosen"], "index.depth": DEPTH, "reranker.fusion_weight": 0.0},
+    )
+    test = split_requests(store, engine.catalogue(), engine.config.text, split="leave-last-out", part="test")
+    random.Random(0).shuffle(test)
+    test = test[:n_users]
+    tt = store.targets("leave-last-out", "test")
+    # serving uses the user's whole history; for a held-out measurement we serve the test-time context
+    pipe = engine.pipeline()
+
+    def serve(text: str, _cache: dict = {r.text: r for r in test}) -> list[str]:  # noqa: B006
+        request = _cache[text]
+        stage1 = pipe.recall([request], DEPTH)
+        hits = pipe.rerank([request], stage1, depth["chosen"])[0]
+        return [h.item_id for h in hits][:K]
+
+    serve(test[0].text)
+    plain.query(test[0].text, test[0].exclude)
+    out = latency_pair(engine, plain, [(r.request_id, r.text, r.exclude) for r in test], serve)
+    targets = [tt[r.request_id] for r in test]
+    out["ours_ndcg10"] = ndcg10(out.pop("ours_lists"), targets)
+    out["plain_ndcg10"] = ndcg10(out.pop("plain_lists"), targets)
+    out["depth_selection"] = depth
+    out["users"] = len(test)
+    return out
+
+
+def build_bench(name: str) -> dict[str, Any]:
+    """Encode + index the catalogue: ours (cold cache, Engine.build_index) vs plain; then 1% incremental."""
+    import faiss
+    from sentence_transformers import SentenceTransformer
+
+    src = BENCH / name
+    tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
+    shutil.copytree(src, tmp / "p", ignore=shutil.ignore_patterns("cache", "indexes"))
+    engine = Engine.open(tmp / "p")
+    texts = [engine.catalogue().text(i) for i in engine.catalogue().item_ids]
+    model = SentenceTransformer(str(engine.models_dir("retriever")), device="cpu")
+    model.max_seq_length = engine.config.retriever.max_seq_length
+    started = time.perf_counter()
+    vecs = model.encode(texts, normalize_embeddings=True)
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+    plain_s = time.perf_counter() - started
+    started = time.perf_counter()
+    engine.build_index()
+    ours_full = time.perf_counter() - started
+    # 1% of items change text: incremental update re-encodes only those
+    ids = engine.catalogue().item_ids
+    changed = random.Random(0).sample(ids, max(1, len(ids) // 100))
+    for i in changed:
+        engine.catalogue().texts[i] += " (updated)"
+    started = time.perf_counter()
+    engine.update_index(changed)
+    incremental = time.perf_counter() - started
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "items": len(texts),
+        "plain_items_per_s": len(texts) / plain_s,
+        "ours_items_per_s": len(texts) / ours_full,
+        "ratio_ours_over_plain": plain_s / ours_full,
+        "full_rebuild_seconds": ours_full,
+        "incremental_1pct_seconds": incremental,
+        "incremental_speedup": ours_full / incremental,
+    }
+
+
+def ceiling(engine_dir: Path, tokens: int) -> dict[str, Any]:
+    """Measured GEMM throughput on reranker-shaped matrices, and what one pair costs."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(engine_dir / "models" / "reranker"), device="cpu")
+    cfg = ce.model.config
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    a = torch.randn(32 * tokens, h)
+    w1 = torch.randn(h, inter)
+    w2 = torch.randn(h, h)
+    with torch.inference_mode():
+        for _ in range(2):
+            a @ w1
+        times = repeat(lambda: (a @ w1, a @ w2), 10)
+    flops = 2 * a.shape[0] * h * inter + 2 * a.shape[0] * h * h
+    gflops = flops / percentiles(times)["median"] / 1e9
+    # per pair: 4 h² (QKVO) + 2 h·inter (FFN) multiply-adds per token per layer, plus attention 2·tokens·h
+    per_pair = 2 * tokens * layers * (4 * h * h + 2 * h * inter + 2 * tokens * h)
+    pairs = [("what causes bone loss in older adults", "word " * (tokens - 12))] * 64
+    ce.predict(pairs[:8])
+    t = percentiles(repeat(lambda: ce.predict(pairs, batch_size=32), 3))["median"]
+    achieved = len(pairs) * per_pair / t / 1e9
+    return {
+        "gemm_gflops": gflops,
+        "tokens_per_pair": tokens,
+        "gflop_per_pair": per_pair / 1e9,
+        "pairs_per_s": len(pairs) / t,
+        "achieved_gflops": achieved,
+        "fraction_of_ceiling": achieved / gflops,
+        "ceiling_pairs_per_s": gflops * 1e9 / per_pair,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queries", type=int, default=60)
+    parser.add_argument("--valid", type=int, default=60)
+    args = parser.parse_args()
+    result: dict[str, Any] = {}
+    for name, fn in (
+        ("search", lambda: search_bench(args.queries, args.valid)),
+        ("recommend", lambda: recommend_bench(args.queries)),
+        ("build_scifact", lambda: build_bench("scifact")),
+        ("build_movielens", lambda: build_bench("movielens")),
+        ("ceiling", lambda: ceiling(BENCH / "scifact", 192)),
+    ):
+        if not (BENCH / ("movielens" if "movielens" in name or name == "recommend" else "scifact")).exists():
+            print(f"skip {name}: run bench_quality.py first")
+            continue
+        started = time.perf_counter()
+        result[name] = fn()
+        print(
+            f"{name} ({time.perf_counter() - started:.0f}s):",
+            {k: v for k, v in result[name].items() if not isinstance(v, dict | list)},
+        )
+        write("latency", result)
+    if "search" in result:
+        s = result["search"]
+        print(
+            f"search p50 ratio ours/plain {s['ratio_p50']:.3f}; nDCG@10 ours {s['ours_ndcg10']:.4f} plain {s['plain_ndcg10']:.4f}"
+        )
+    print(math.nan if not result else write("latency", result))
+
+
+if __name__ == "__main__":
+    main()
