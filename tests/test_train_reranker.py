@@ -97,8 +97,9 @@ def test_make_lists_skips_requests_without_positives():
 
 
 def test_ndcg_at_k_hand_example():
-    # Sorted by score: labels [0, 2, 1]. DCG = 0 + 3/log2(3) + 1/log2(4); IDCG = 3/log2(2) + 1/log2(3).
-    expected = (3 / np.log2(3) + 1 / 2) / (3 + 1 / np.log2(3))
+    # Sorted by score: labels [0, 2, 1]. Linear gain (as trec_eval and our evaluation):
+    # DCG = 0 + 2/log2(3) + 1/log2(4); IDCG = 2/log2(2) + 1/log2(3).
+    expected = (2 / np.log2(3) + 1 / 2) / (2 + 1 / np.log2(3))
     assert ndcg_at_k([0, 2, 1], [3.0, 2.0, 1.0]) == pytest.approx(expected)
     assert ndcg_at_k([0, 0], [1.0, 2.0]) == 0.0
     assert ndcg_at_k([1, 0, 0], [0.0, 0.0, 0.0]) == 1.0  # ties keep list order

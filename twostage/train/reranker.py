@@ -154,23 +154,21 @@ def make_lists(
     return lists
 
 
-def ndcg_at_k(labels: Sequence[float], scores: Sequence[float], k: int = EVAL_AT_K) -> float:
-    """Graded NDCG@k of one list: ``DCG = sum_{r<=k} (2^rel_r - 1) / log2(r + 1)`` over the list sorted by score
-    (ties keep list order), divided by the DCG of the label-sorted list; 0 when no label is positive."""
+def list_metrics(labels: Sequence[float], scores: Sequence[float], k: int = EVAL_AT_K) -> tuple[float, float]:
+    """nDCG@k and RR@k of one list sorted by score (ties keep list order), with the same formulas as the
+    offline evaluation (:func:`twostage.metrics.ranking_metrics`: linear gain), so early stopping optimises
+    what is reported."""
+    from twostage.metrics import ranking_metrics
+
     rel = np.asarray(labels, dtype=np.float64)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = np.sort(rel)[::-1][:k]
-    idcg = float(((2.0**ideal - 1.0) * discounts[: len(ideal)]).sum())
-    if idcg <= 0:
-        return 0.0
-    return float(((2.0 ** rel[order] - 1.0) * discounts[: len(order)]).sum()) / idcg
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    values = ranking_metrics(rel[order][None, :], [rel[rel > 0]], ks=(k,), metrics=("ndcg", "mrr"))
+    return float(values[("ndcg", k)][0]), float(values[("mrr", k)][0])
 
 
-def _mrr_at_k(labels: Sequence[float], scores: Sequence[float], k: int = EVAL_AT_K) -> float:
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
-    hits = np.flatnonzero(np.asarray(labels, dtype=np.float64)[order] > 0)
-    return float(1.0 / (hits[0] + 1)) if hits.size else 0.0
+def ndcg_at_k(labels: Sequence[float], scores: Sequence[float], k: int = EVAL_AT_K) -> float:
+    """nDCG@k of one list (see :func:`list_metrics`); 0 when no label is positive."""
+    return list_metrics(labels, scores, k)[0]
 
 
 @functools.cache
@@ -204,8 +202,9 @@ def _evaluator_class() -> type:
             for rl in self.lists:
                 s = scores[start : start + len(rl.docs)]
                 start += len(rl.docs)
-                ndcgs.append(ndcg_at_k(rl.labels, s, self.at_k))
-                mrrs.append(_mrr_at_k(rl.labels, s, self.at_k))
+                ndcg, rr = list_metrics(rl.labels, s, self.at_k)
+                ndcgs.append(ndcg)
+                mrrs.append(rr)
             metrics = {
                 f"ndcg@{self.at_k}": float(np.mean(ndcgs)),
                 f"mrr@{self.at_k}": float(np.mean(mrrs)),
