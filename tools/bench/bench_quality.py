@@ -24,7 +24,7 @@ from twostage.pipeline import Pipeline
 
 SCIFACT_TOML = """
 [text]
-item_template = "{title}. {body}"
+item_template = "{{title}}. {{body}}"
 [split]
 strategy = "given"
 [retriever]
@@ -51,8 +51,8 @@ bootstrap = 2000
 
 MOVIELENS_TOML = """
 [text]
-item_template = "{title}. {categories}. Tags: {tags}"
-user_template = "Recently watched: {history}"
+item_template = "{{title}}. {{categories}}. Tags: {{tags}}"
+user_template = "Recently watched: {{history}}"
 history_size = 5
 [split]
 strategy = "leave-last-out"
