@@ -229,3 +229,26 @@ def test_train_end_to_end_writes_model_and_training_json(tiny_bert_path, tmp_pat
     base = _tiny_model(tiny_bert_path)
     trained = dict(rr.model.named_parameters())
     assert any(not torch.equal(p, trained[k]) for k, p in base.named_parameters() if k in trained)
+
+
+def test_lora_training_changes_weights_and_saves_a_plain_model(tiny_bert_path, tmp_path):
+    pytest.importorskip("peft")
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    before = CrossEncoder(str(tiny_bert_path), num_labels=1, device="cpu")
+    q_before = before.model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    result = train_reranker(
+        LISTS * 4,
+        output_dir=tmp_path / "lora",
+        base_model=str(tiny_bert_path),
+        lora=True,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        seed=0,
+    )
+    after = CrossEncoder(str(result.model_path), device="cpu")
+    # the adapter was merged: a plain BERT checkpoint whose attention weights moved
+    assert not any("lora" in name for name, _ in after.model.named_parameters())
+    q_after = after.model.bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.allclose(q_before, q_after)
