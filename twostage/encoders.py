@@ -260,6 +260,9 @@ class BiEncoder:
         if max_seq_length is not None:
             self._model.max_seq_length = max_seq_length
         self._fingerprint: str | None = None
+        if self._model.device.type == "cuda":
+            # inference in fp16 on GPUs: twice the throughput, cosine scores change in the 3rd decimal
+            self._model.half()
         logger.info("loaded bi-encoder %s on %s", self.name_or_path, self._model.device)
 
     @classmethod

@@ -228,6 +228,8 @@ class Reranker:
         if batch_size < 1:
             raise ConfigError(f"must be >= 1, got {batch_size}", key="reranker.batch_size")
         self.model, self.fresh_head = load_cross_encoder(name_or_path, device=device, max_length=max_length)
+        if self.model.device.type == "cuda":
+            self.model.model.half()  # fp16 inference on GPUs; scores are sorted, not compared across runs
         self.name_or_path = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
         self.batch_size = batch_size
         self.max_length = max_length
