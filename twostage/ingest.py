@@ -1,0 +1,383 @@
+"""Ingestion: one file of items, events, queries or judgments into the store, in one transaction.
+
+Loading is the one place where outside data meets the schema, so it gets its own module: DuckDB's own
+readers parse the file, SQL checks find every bad row before anything is written, and a bad file changes
+nothing while the error names file, row and column. Every value is a ``?`` parameter; the only identifiers
+that reach SQL are column names read from the file's own header, and they are quoted.
+:class:`twostage.store.Store` owns the connection and calls in here (``Store.ingest``, ``Store.attach_tags``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from twostage.errors import InputError
+
+if TYPE_CHECKING:
+    import duckdb
+
+KINDS = ("items", "events", "queries", "judgments")
+
+# (target column, type, required). Types: id/text → VARCHAR, double, timestamp (epoch seconds or ISO), list.
+_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
+    "items": [
+        ("item_id", "id", True),
+        ("title", "text", False),
+        ("body", "text", False),
+        ("categories", "list", False),
+    ],
+    "events": [
+        ("user_id", "id", True),
+        ("item_id", "id", True),
+        ("event", "text", False),
+        ("value", "double", False),
+        ("ts", "timestamp", True),
+    ],
+    "queries": [("query_id", "id", True), ("text", "text", True)],
+    "judgments": [
+        ("query_id", "id", True),
+        ("item_id", "id", True),
+        ("relevance", "double", False),
+        ("part", "text", False),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What one ingest did."""
+
+    kind: str
+    file: str
+    rows: int
+    rejected: int
+    seconds: float
+
+
+def _quote(name: str) -> str:
+    """Quote a column name read from a file header (never user SQL) as a DuckDB identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _reader_sql(path: Path) -> str:
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt"):
+        return "read_csv(?, header = true, all_varchar = true)"
+    if suffix in (".parquet", ".pq"):
+        return "read_parquet(?)"
+    if suffix in (".jsonl", ".json", ".ndjson", ".jsonl.gz"):
+        return "read_json(?, format = 'auto')"
+    raise InputError(
+        f"unsupported file type '{path.suffix}'; use .csv, .tsv, .parquet or .jsonl", file=str(path)
+    )
+
+
+_LINE_RE = re.compile(r"Line: (\d+)")
+
+
+def _reader_error(path: Path, error: Exception) -> InputError:
+    """Turn a DuckDB reader failure into one line naming the file and, where DuckDB knows it, the row."""
+    text = str(error)
+    row = None
+    if m := _LINE_RE.search(text):
+        row = max(int(m.group(1)) - 1, 1)
+    if "unicode" in text.lower() or "utf-8" in text.lower() or "utf8" in text.lower():
+        reason = "not UTF-8 encoded; convert it to UTF-8 (e.g. iconv -t UTF-8)"
+    else:
+        first = next((ln for ln in text.splitlines() if ln.strip()), text)
+        reason = f"cannot be read: {first.strip()}"
+    return InputError(reason, file=str(path), row=row)
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal for a column label or constant chosen by the program (never row data)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def ingest_file(
+    con: duckdb.DuckDBPyConnection,
+    path: str | Path,
+    kind: str,
+    *,
+    mapping: Mapping[str, str] | None,
+    keep_rejects: bool,
+    event: str,
+    part: str,
+    category_separator: str,
+) -> IngestReport:
+    """Load one file of ``kind`` over ``con`` in one transaction: the work behind ``Store.ingest``.
+
+    See :meth:`twostage.store.Store.ingest` for the arguments (and their defaults).
+
+    Raises:
+        InputError: naming file, row and column; the store is left exactly as it was.
+    """
+    if kind not in KINDS:
+        raise InputError(f"unknown kind '{kind}'; use one of {', '.join(KINDS)}")
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", file=str(path))
+    if path.is_dir():
+        raise InputError("is a directory, expected a file", file=str(path))
+    if path.stat().st_size == 0:
+        raise InputError("file is empty", file=str(path))
+    import duckdb
+
+    started = time.perf_counter()
+    reader = _reader_sql(path)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        try:
+            report = _ingest_in_transaction(
+                con, path, kind, reader, dict(mapping or {}), keep_rejects, event, part, category_separator
+            )
+        except duckdb.Error as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), str(e))
+            raise InputError(f"cannot be loaded: {first.strip()}", file=str(path)) from e
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.execute("DROP TABLE IF EXISTS _src")
+        con.execute("DROP TABLE IF EXISTS _bad")
+    return IngestReport(kind, str(path), report[0], report[1], time.perf_counter() - started)
+
+
+def _ingest_in_transaction(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    kind: str,
+    reader: str,
+    mapping: dict[str, str],
+    keep_rejects: bool,
+    event: str,
+    part: str,
+    separator: str,
+) -> tuple[int, int]:
+    import duckdb
+
+    file = str(path)
+    try:
+        con.execute(f"CREATE TEMP TABLE _src AS SELECT * FROM {reader}", [file])
+    except duckdb.Error as e:
+        raise _reader_error(path, e) from e
+    described = con.execute("DESCRIBE _src").fetchall()
+    columns = {name: ctype for name, ctype, *_ in described}
+    total = con.execute("SELECT count(*) FROM _src").fetchone()[0]
+    if total == 0:
+        raise InputError("file has no data rows", file=file)
+    targets = _COLUMNS[kind]
+    unknown = set(mapping) - {t for t, _, _ in targets}
+    if unknown:
+        raise InputError(
+            f"--map names unknown column(s) {sorted(unknown)}; {kind} columns are "
+            f"{', '.join(t for t, _, _ in targets)}",
+            file=file,
+        )
+    lower = {c.lower(): c for c in columns}
+    source: dict[str, str | None] = {}
+    for target, _, required in targets:
+        wanted = mapping.get(target, target)
+        found = wanted if wanted in columns else lower.get(wanted.lower())
+        if found is None and target in mapping:
+            raise InputError(
+                f"mapped column '{wanted}' not in file (columns: {', '.join(columns)})",
+                file=file,
+                column=wanted,
+            )
+        if found is None and required:
+            raise InputError(
+                f"required column missing (columns: {', '.join(columns)}); map one with --map {target}=COLUMN",
+                file=file,
+                column=target,
+            )
+        source[target] = found
+
+    # Row numbers are 1-based data rows in file order (DuckDB keeps insertion order).
+    exprs, checks = _column_sql(kind, source, columns, event, part, separator)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _src AS SELECT rowid - (SELECT min(rowid) FROM _src) + 1 AS _row, * FROM _src"
+    )
+    con.execute(
+        "CREATE TEMP TABLE _bad AS SELECT _row, col, reason FROM ("
+        + " UNION ALL ".join(checks)
+        + ") ORDER BY _row, col"
+    )
+    n_bad = con.execute("SELECT count(DISTINCT _row) FROM _bad").fetchone()[0]
+    if n_bad and not keep_rejects:
+        row, col, reason = con.execute("SELECT _row, col, reason FROM _bad ORDER BY _row LIMIT 1").fetchone()
+        more = f" ({n_bad} bad rows in all; --keep-rejects loads the rest)" if n_bad > 1 else ""
+        raise InputError(reason + more, file=file, row=int(row), column=col)
+    if n_bad:
+        con.execute(
+            "INSERT INTO rejects SELECT ?, ?, _row, col, reason, now()::TIMESTAMP FROM _bad", [kind, file]
+        )
+    select = ", ".join(f"{expr} AS {name}" for name, expr in exprs)
+    good = "FROM _src WHERE _row NOT IN (SELECT _row FROM _bad)"
+    if kind == "items":
+        con.execute(f"INSERT OR REPLACE INTO items SELECT {select}, now()::TIMESTAMP {good}")
+    elif kind == "events":
+        base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        con.execute(f"INSERT INTO events SELECT {select}, ? + _row {good}", [base])
+    elif kind == "queries":
+        con.execute(f"INSERT OR REPLACE INTO queries SELECT {select} {good}")
+    else:
+        con.execute(f"INSERT OR REPLACE INTO judgments SELECT {select} {good}")
+    return total - n_bad, n_bad
+
+
+def _column_sql(
+    kind: str,
+    source: Mapping[str, str | None],
+    columns: Mapping[str, str],
+    event: str,
+    part: str,
+    separator: str,
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """SQL expressions producing each target column, and the checks that find bad rows."""
+    exprs: list[tuple[str, str]] = []
+    checks: list[str] = []
+    defaults = {"event": event, "part": part}
+    lit = _literal
+    for target, ctype, required in _COLUMNS[kind]:
+        src = source[target]
+        label = lit(src or target)
+        if src is None:
+            if target in defaults:
+                exprs.append((target, lit(defaults[target])))
+            elif target == "relevance":
+                exprs.append((target, "1.0"))
+            else:
+                exprs.append((target, "NULL"))
+            continue
+        q = _quote(src)
+        as_text = f"trim(CAST({q} AS VARCHAR))"
+        if required:
+            checks.append(
+                f"SELECT _row, {label} AS col, 'missing value' AS reason FROM _src WHERE {q} IS NULL OR {as_text} = ''"
+            )
+        if target in defaults:
+            exprs.append((target, f"coalesce(nullif({as_text}, ''), {lit(defaults[target])})"))
+        elif ctype in ("id", "text"):
+            exprs.append((target, as_text if ctype == "id" else f"CAST({q} AS VARCHAR)"))
+        elif ctype == "double":
+            fallback = "1.0" if target == "relevance" else "NULL"
+            exprs.append((target, f"coalesce(TRY_CAST({q} AS DOUBLE), {fallback})"))
+            checks.append(
+                f"SELECT _row, {label}, 'not a number: ' || {as_text} FROM _src "
+                f"WHERE {q} IS NOT NULL AND {as_text} <> '' AND TRY_CAST({q} AS DOUBLE) IS NULL"
+            )
+        elif ctype == "timestamp":
+            expr = (
+                f"CASE WHEN TRY_CAST({q} AS DOUBLE) IS NOT NULL "
+                f"THEN (CASE WHEN isfinite(TRY_CAST({q} AS DOUBLE)) AND abs(TRY_CAST({q} AS DOUBLE)) < 9.2e12 "
+                f"THEN make_timestamp(CAST(TRY_CAST({q} AS DOUBLE) * 1000000 AS BIGINT)) END) "
+                f"ELSE TRY_CAST(TRY_CAST({as_text} AS TIMESTAMPTZ) AS TIMESTAMP) END"
+            )
+            exprs.append((target, expr))
+            checks.append(
+                f"SELECT _row, {label}, 'not a timestamp (epoch seconds or ISO 8601): ' || {as_text} FROM _src "
+                f"WHERE {q} IS NOT NULL AND {as_text} <> '' AND ({expr}) IS NULL"
+            )
+        elif ctype == "list":
+            if columns[src].endswith("[]"):
+                exprs.append((target, f"CAST({q} AS VARCHAR[])"))
+            else:
+                exprs.append(
+                    (
+                        target,
+                        f"list_filter(list_transform(string_split(CAST({q} AS VARCHAR), {lit(separator)}), "
+                        f"lambda x: trim(x)), lambda x: x <> '' AND x <> '(no genres listed)')",
+                    )
+                )
+    key = {"items": "item_id", "queries": "query_id"}.get(kind)
+    if key and source[key]:
+        k = _quote(source[key])
+        checks.append(
+            f"SELECT _row, {lit(source[key])}, 'duplicate {key} ' || trim(CAST({k} AS VARCHAR)) || "
+            f"' (first at row ' || first_row || ')' FROM (SELECT _row, {k}, "
+            f"min(_row) OVER (PARTITION BY trim(CAST({k} AS VARCHAR))) AS first_row FROM _src) WHERE _row > first_row"
+        )
+    if kind == "judgments":
+        q_, i_ = _quote(source["query_id"] or "query_id"), _quote(source["item_id"] or "item_id")
+        p_ = _quote(source["part"]) if source["part"] else lit(part)
+        checks.append(
+            f"SELECT _row, {lit(source['item_id'])}, 'duplicate judgment for query ' || trim(CAST({q_} AS VARCHAR)) "
+            f"|| ' and item ' || trim(CAST({i_} AS VARCHAR)) || ' (first at row ' || first_row || ')' FROM ("
+            f"SELECT _row, {q_}, {i_}, min(_row) OVER (PARTITION BY trim(CAST({q_} AS VARCHAR)), "
+            f"trim(CAST({i_} AS VARCHAR)), CAST({p_} AS VARCHAR)) AS first_row FROM _src) WHERE _row > first_row"
+        )
+    if kind in ("events", "judgments"):
+        k = _quote(source["item_id"] or "item_id")
+        checks.append(
+            f"SELECT _row, {lit(source['item_id'])}, 'unknown item_id ' || trim(CAST({k} AS VARCHAR)) || "
+            f"'; ingest the items first' FROM _src WHERE {k} IS NOT NULL AND trim(CAST({k} AS VARCHAR)) "
+            f"NOT IN (SELECT item_id FROM items)"
+        )
+    if kind == "judgments":
+        k = _quote(source["query_id"] or "query_id")
+        checks.append(
+            f"SELECT _row, {lit(source['query_id'])}, 'unknown query_id ' || trim(CAST({k} AS VARCHAR)) || "
+            f"'; ingest the queries first' FROM _src WHERE {k} IS NOT NULL AND trim(CAST({k} AS VARCHAR)) "
+            f"NOT IN (SELECT query_id FROM queries)"
+        )
+    if kind == "items":
+        extras = [c for c in columns if c not in {s for s in source.values() if s}]
+        if extras:
+            fields = ", ".join(f"{_quote(c)} := {_quote(c)}" for c in extras)
+            exprs.append(("attrs", f"to_json(struct_pack({fields}))"))
+        else:
+            exprs.append(("attrs", "NULL"))
+    return exprs, checks
+
+
+def attach_tags(
+    con: duckdb.DuckDBPyConnection, path: str | Path, *, item_column: str, tag_column: str, top: int
+) -> int:
+    """Put each item's most frequent tags into ``attrs.tags``, in one transaction: see ``Store.attach_tags``.
+
+    Returns the number of items that got tags.
+    """
+    import duckdb
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", file=str(path))
+    reader = _reader_sql(path)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        try:
+            con.execute(f"CREATE TEMP TABLE _tags AS SELECT * FROM {reader}", [str(path)])
+        except duckdb.Error as e:
+            raise _reader_error(path, e) from e
+        columns = [r[0] for r in con.execute("DESCRIBE _tags").fetchall()]
+        for col in (item_column, tag_column):
+            if col not in columns:
+                raise InputError(
+                    f"column missing (columns: {', '.join(columns)})", file=str(path), column=col
+                )
+        i, t = _quote(item_column), _quote(tag_column)
+        n = con.execute(
+            f"""
+            UPDATE items SET attrs = json_merge_patch(coalesce(items.attrs, '{{}}'),
+                                                      json_object('tags', g.tags))
+            FROM (SELECT item_id, list(tag ORDER BY n DESC, tag)[1:?] AS tags
+                  FROM (SELECT trim(CAST({i} AS VARCHAR)) AS item_id, lower(trim({t})) AS tag, count(*) AS n
+                        FROM _tags WHERE {t} IS NOT NULL GROUP BY 1, 2)
+                  GROUP BY 1) g
+            WHERE items.item_id = g.item_id
+            """,
+            [top],
+        ).fetchone()[0]
+        con.execute("DROP TABLE _tags")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return n
