@@ -19,7 +19,9 @@ SLOW = [["bench_quality.py", "movielens"], ["bench_quality.py", "scifact"], ["be
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fast", action="store_true", help="skip the training-heavy quality and latency runs")
+    parser.add_argument(
+        "--fast", action="store_true", help="skip the training-heavy quality and latency runs"
+    )
     args = parser.parse_args()
     failed = []
     for step in FAST + ([] if args.fast else SLOW):
