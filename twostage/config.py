@@ -74,7 +74,12 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class RetrieverConfig:
-    """Stage 1 bi-encoder: which model, how to encode, how to fine-tune."""
+    """Stage 1 bi-encoder: which model, how to encode, how to fine-tune.
+
+    ``popularity_weight`` β adds ``β · ln(1 + users(item))`` to the stage-1 score (recommendation): the logQ
+    correction for the popularity bias of in-batch negatives. 0 turns it off; pick β on the validation part
+    (``tools/bench/bench_quality.py`` does, over 0–0.2).
+    """
 
     model: str = "default"
     max_seq_length: int = 256
@@ -89,6 +94,7 @@ class RetrieverConfig:
     eval_requests: int = 300
     eval_corpus: int = 2000
     patience: int = 2
+    popularity_weight: float = 0.0
     seed: int = 0
 
 

@@ -36,6 +36,8 @@ train_batch_size = 32
 max_train_pairs = 1600
 eval_requests = 100
 learning_rate = 1e-4
+# popularity prior (logQ correction of in-batch negatives), chosen on ml-latest-small's validation part
+popularity_weight = 0.05
 
 [index]
 build = "flat"

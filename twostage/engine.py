@@ -304,6 +304,10 @@ class Engine:
                     catalogue=self.catalogue(),
                     reranker=self.reranker(),
                     fusion_weight=self.config.reranker.fusion_weight,
+                    popularity=self.store.popularity()
+                    if self.config.retriever.popularity_weight > 0
+                    else None,
+                    popularity_weight=self.config.retriever.popularity_weight,
                 )
             return self._pipeline
 
@@ -465,9 +469,64 @@ class Engine:
         )
         return _with_path(result, target)
 
-    def _candidate_lists(self, requests: list[Request], depth: int) -> list[list[tuple[str, str]]]:
+    def split_pipeline(self, split: str, pipeline: Pipeline | None = None) -> Pipeline:
+        """The pipeline as it must run on a split: popularity counted only from events before the cut-offs."""
+        pipe = pipeline or self.pipeline()
+        if pipe.popularity_weight > 0 and self.store.require_split(split) == "user":
+            return pipe.with_popularity(self.store.popularity(split))
+        return pipe
+
+    def tune_popularity_weight(
+        self,
+        *,
+        split: str | None = None,
+        grid: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2),
+        k: int = 100,
+    ) -> dict[str, Any]:
+        """Pick the stage-1 popularity prior β on the validation part (highest Recall@k); returns the sweep.
+
+        Set the result as ``[retriever] popularity_weight``. Only the validation part is used, so the test
+        part stays untouched by the choice.
+        """
+        import numpy as np
+
+        from twostage.metrics import ranking_metrics
+        from twostage.requests import split_requests
+
+        split = split or self.default_split()
+        if self.store.require_split(split) != "user":
+            raise TwostageError("the popularity prior applies to recommendation splits (users), not search")
+        requests = split_requests(
+            self.store,
+            self.catalogue(),
+            self.config.text,
+            split=split,
+            part="valid",
+            exclude_seen=self.config.index.exclude_seen,
+        )
+        targets = self.store.targets(split, "valid")
+        pipe = self.pipeline().with_popularity(self.store.popularity(split))
+        relevant = [np.array(list(targets[r.request_id].values())) for r in requests]
+        sweep = {}
+        for beta in grid:
+            lists = pipe.with_popularity(pipe.popularity, beta).recall(requests, k)
+            gains = np.array(
+                [
+                    [targets[r.request_id].get(i, 0.0) for i, _ in hits] + [0.0] * (k - len(hits))
+                    for r, hits in zip(requests, lists, strict=True)
+                ]
+            )
+            sweep[beta] = float(
+                ranking_metrics(gains, relevant, ks=(k,), metrics=("recall",))[("recall", k)].mean()
+            )
+        best = max(sweep, key=lambda b: (sweep[b], -b))
+        return {"best": best, f"valid_recall@{k}": sweep}
+
+    def _candidate_lists(
+        self, requests: list[Request], depth: int, split: str
+    ) -> list[list[tuple[str, str]]]:
         catalogue = self.catalogue()
-        found = self.pipeline().recall(requests, depth, progress=self.progress)
+        found = self.split_pipeline(split).recall(requests, depth, progress=self.progress)
         return [[(i, catalogue.text(i)) for i, _ in cands] for cands in found]
 
     def train_reranker(self, *, split: str | None = None) -> Any:
@@ -495,7 +554,9 @@ class Engine:
         train_lists = make_lists(
             (
                 (r.text, c, x.positives)
-                for r, c, x in zip(reqs, self._candidate_lists(reqs, cfg.list_size), labelled, strict=True)
+                for r, c, x in zip(
+                    reqs, self._candidate_lists(reqs, cfg.list_size, split), labelled, strict=True
+                )
             ),
             list_size=cfg.list_size,
             item_texts=catalogue.texts,
@@ -505,7 +566,9 @@ class Engine:
             make_lists(
                 (
                     (r.text, c, val.relevant[r.request_id])
-                    for r, c in zip(val.requests, self._candidate_lists(val.requests, cfg.depth), strict=True)
+                    for r, c in zip(
+                        val.requests, self._candidate_lists(val.requests, cfg.depth, split), strict=True
+                    )
                 ),
                 list_size=cfg.depth,
                 item_texts=catalogue.texts,

@@ -59,13 +59,18 @@ def run_evaluation(
     depth = max(max(ks), config.index.depth)
     encoder = engine.retriever()
     run_id = store.new_run("eval", {**config.to_dict(), "split": split, "part": part}, encoder.fingerprint)
-    pipe = pipeline or engine.pipeline()
+    pipe = engine.split_pipeline(split, pipeline)
 
     rankings: list[tuple[str, Lists, float]] = []
     if baselines:
         rankings.append(_baseline(engine, kind, split, requests, depth))
         if engine.models_dir("retriever").exists():
             rankings.append(("zero-shot", *_timed(lambda: _zero_shot(engine, requests, depth))))
+    if pipe.popularity_weight > 0:
+        plain = pipe.with_popularity({}, 0.0)
+        rankings.append(
+            ("recall-no-prior", *_timed(lambda: plain.recall(requests, depth, progress=engine.progress)))
+        )
     stage1, seconds = _timed(lambda: pipe.recall(requests, depth, progress=engine.progress))
     rankings.append(("recall", stage1, seconds))
     final = None
@@ -103,7 +108,9 @@ def run_evaluation(
 
     labels = [lbl for lbl in rows[-1].means if lbl.split("@")[0] in ("nDCG", "R", "RR", "AP")]
     by_name = {r.name: r for r in rows}
-    pairs = [("recall", "rerank")] + [(b, "recall") for b in ("popularity", "bm25", "zero-shot")]
+    pairs = [("recall", "rerank")] + [
+        (b, "recall") for b in ("popularity", "bm25", "zero-shot", "recall-no-prior")
+    ]
     comparisons: list[dict[str, Any]] = []
     for a, b in pairs:
         if a in by_name and b in by_name:

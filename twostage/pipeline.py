@@ -6,8 +6,10 @@ measured offline is what runs online.
 
 from __future__ import annotations
 
+import copy
+import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from twostage.rerank import Candidate, RerankedHit
@@ -48,12 +50,16 @@ class Pipeline:
         catalogue: Catalogue,
         reranker: Reranker | None = None,
         fusion_weight: float = 0.0,
+        popularity: Mapping[str, float] | None = None,
+        popularity_weight: float = 0.0,
     ):
         self.encoder = encoder
         self.index = index
         self.catalogue = catalogue
         self.reranker = reranker
         self.fusion_weight = fusion_weight
+        self.popularity = popularity or {}
+        self.popularity_weight = popularity_weight
         self._encode_lock = model_lock(encoder)
         self._rerank_lock = model_lock(reranker) if reranker is not None else threading.Lock()
 
@@ -69,14 +75,39 @@ class Pipeline:
         with self._rerank_lock:
             return self.reranker.score(pairs)
 
+    def with_popularity(self, popularity: Mapping[str, float], weight: float | None = None) -> Pipeline:
+        """The same models with another popularity table (e.g. counted only before a split's cut-off)."""
+        other = copy.copy(self)
+        other.popularity = popularity
+        if weight is not None:
+            other.popularity_weight = weight
+        return other
+
     def recall(self, requests: Sequence[Request], depth: int, *, progress: bool = False) -> list[Scored]:
-        """Top-``depth`` candidates per request, excluding each request's ``exclude`` items."""
+        """Top-``depth`` candidates per request, excluding each request's ``exclude`` items.
+
+        With ``popularity_weight`` β > 0 the score is ``cos(q, i) + β · ln(1 + users(i))``: a popularity prior
+        that undoes the bias of in-batch negatives (a popular item is another example's positive more often,
+        so MultipleNegativesRankingLoss learns to push it down; this is the logQ correction of sampled
+        softmax, applied at serving time). FAISS is searched deeper (10 × depth, at least 1,000) and the
+        candidates re-sorted, so popular items outside the cosine top-depth can come in (on ml-latest-small,
+        validation Recall@100 was 0.21 with a 300-deep search and 0.29 with 1,000).
+        """
         if not requests:
             return []
         with self._encode_lock:
             query_vecs = self.encoder.encode([r.text for r in requests], progress=progress)
         exclude = [r.exclude for r in requests] if any(r.exclude for r in requests) else None
-        return self.index.search(query_vecs, depth, exclude=exclude)
+        if self.popularity_weight <= 0 or not self.popularity:
+            return self.index.search(query_vecs, depth, exclude=exclude)
+        deep = self.index.search(query_vecs, max(10 * depth, 1000), exclude=exclude)
+        beta, pop = self.popularity_weight, self.popularity
+        out = []
+        for hits in deep:
+            rescored = [(i, s + beta * math.log1p(pop.get(i, 0.0))) for i, s in hits]
+            rescored.sort(key=lambda x: (-x[1], x[0]))
+            out.append(rescored[:depth])
+        return out
 
     def rerank(
         self,

@@ -161,12 +161,16 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
     engine.split()
     trained = timed(times, "train_retriever", engine.train_retriever)
     timed(times, "index", engine.build_index)
+    prior = timed(times, "tune_prior", engine.tune_popularity_weight)
+    print(f"  popularity prior on valid: {prior}")
+    engine = Engine.open(root, overrides={"retriever.popularity_weight": prior["best"]})
     rr = timed(times, "train_reranker", engine.train_reranker)
     report = timed(times, "evaluate", lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7, 0.5)))
     return {
         "dataset": "ml-latest-small leave-last-out (610 users, full ranking over unseen items)",
         "eval": rows(report),
         "mmr_sweep": report.extra.get("mmr_sweep"),
+        "popularity_prior": prior,
         "retriever_training": {
             "best": trained.best_metric,
             "metrics": dict(trained.metrics),
