@@ -17,6 +17,7 @@ Usage: python tools/bench/bench_latency.py [--queries 60]  → tools/bench/resul
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import percentiles, repeat, write
+from common import RESULTS, percentiles, repeat, write
 
 from twostage import Engine
 from twostage.metrics import ranking_metrics
@@ -288,8 +289,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--valid", type=int, default=60)
+    parser.add_argument(
+        "--only", help="comma-separated parts (search, recommend, build_scifact, build_movielens, ceiling)"
+    )
     args = parser.parse_args()
+    wanted = set(args.only.split(",")) if args.only else None
+    previous = RESULTS / "latency.json"
     result: dict[str, Any] = {}
+    if wanted and previous.exists():  # keep the parts measured in an earlier run
+        result = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("machine", "when")}
     for name, fn in (
         ("search", lambda: search_bench(args.queries, args.valid)),
         ("recommend", lambda: recommend_bench(args.queries)),
@@ -297,6 +305,8 @@ def main() -> None:
         ("build_movielens", lambda: build_bench("movielens")),
         ("ceiling", lambda: ceiling(BENCH / "scifact", 192)),
     ):
+        if wanted is not None and name not in wanted:
+            continue
         if not (BENCH / ("movielens" if "movielens" in name or name == "recommend" else "scifact")).exists():
             print(f"skip {name}: run bench_quality.py first")
             continue
