@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from pathlib import Path
@@ -74,7 +75,9 @@ bootstrap = 200
 
 def test_pipeline_trains_and_saves_models(trained_project):
     assert (trained_project / "models" / "retriever" / "training.json").exists()
-    assert (trained_project / "models" / "reranker" / "training.json").exists()
+    record = json.loads((trained_project / "models" / "reranker" / "training.json").read_text())
+    assert 0.0 <= record["fusion_weight"] <= 1.0  # tuned on the validation requests
+    assert Engine.open(trained_project).fusion_weight() == record["fusion_weight"]
     assert (trained_project / "indexes" / "default" / "manifest.json").exists()
 
 

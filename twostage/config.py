@@ -115,14 +115,20 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class RerankerConfig:
-    """Stage 2 cross-encoder: model, inference settings and listwise training."""
+    """Stage 2 cross-encoder: model, inference settings and listwise training.
+
+    ``fusion_weight`` w mixes the scores: ``(1 - w) · z(rerank) + w · z(stage 1)``. Unset, it is the value
+    chosen on the validation requests when the reranker was trained (saved in its ``training.json``).
+    Training lists come only from requests whose positive stage 1 retrieved within ``depth``, so the
+    reranker learns to order what it will actually see.
+    """
 
     model: str = "default"
     enabled: bool = True
     max_length: int = 256
     batch_size: int = 32
     depth: int = 50
-    fusion_weight: float = 0.0
+    fusion_weight: float | None = None
     mmr_lambda: float | None = None
     loss: str = "listnet"
     list_size: int = 16
@@ -275,7 +281,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"ratios must sum to 1, got {sum(config.split.ratios)}", key="split.ratios")
     if config.reranker.mmr_lambda is not None and not 0.0 <= config.reranker.mmr_lambda <= 1.0:
         raise ConfigError("must be between 0 and 1", key="reranker.mmr_lambda")
-    if not 0.0 <= config.reranker.fusion_weight <= 1.0:
+    if config.reranker.fusion_weight is not None and not 0.0 <= config.reranker.fusion_weight <= 1.0:
         raise ConfigError("must be between 0 and 1", key="reranker.fusion_weight")
     for key, value in (("index.depth", config.index.depth), ("reranker.depth", config.reranker.depth)):
         if value < 1:

@@ -51,7 +51,6 @@ max_train_requests = 160
 eval_requests = 30
 train_batch_size = 4
 learning_rate = 5e-5
-fusion_weight = 0.3
 
 [eval]
 ks = [1, 5, 10, 20, 100]

@@ -6,6 +6,7 @@ models), ``indexes/`` (FAISS artifacts) and ``cache/`` (item embeddings).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -303,7 +304,7 @@ class Engine:
                     index=self.index(),
                     catalogue=self.catalogue(),
                     reranker=self.reranker(),
-                    fusion_weight=self.config.reranker.fusion_weight,
+                    fusion_weight=self.fusion_weight(),
                     popularity=self.store.popularity()
                     if self.config.retriever.popularity_weight > 0
                     else None,
@@ -469,6 +470,17 @@ class Engine:
         )
         return _with_path(result, target)
 
+    def fusion_weight(self) -> float:
+        """The configured fusion weight, else the one tuned when the project's reranker was trained, else 0."""
+        import json
+
+        if self.config.reranker.fusion_weight is not None:
+            return self.config.reranker.fusion_weight
+        record = self.models_dir("reranker") / "training.json"
+        if record.exists():
+            return float(json.loads(record.read_text()).get("fusion_weight", 0.0))
+        return 0.0
+
     def split_pipeline(self, split: str, pipeline: Pipeline | None = None) -> Pipeline:
         """The pipeline as it must run on a split: popularity counted only from events before the cut-offs."""
         pipe = pipeline or self.pipeline()
@@ -522,6 +534,36 @@ class Engine:
         best = max(sweep, key=lambda b: (sweep[b], -b))
         return {"best": best, f"valid_recall@{k}": sweep}
 
+    def _tune_fusion(self, model_dir: Path, val: Any, split: str) -> dict[str, Any]:
+        """Choose the fusion weight on the validation requests: nDCG@10 of the fused top-depth lists."""
+        import numpy as np
+
+        from twostage.metrics import ranking_metrics
+        from twostage.rerank import Reranker
+
+        cfg = self.config.reranker
+        reranker = Reranker(str(model_dir), max_length=cfg.max_length, batch_size=cfg.batch_size)
+        pipe = self.split_pipeline(split)
+        stage1 = pipe.recall(val.requests, cfg.depth)
+        scorer = pipe.with_popularity(pipe.popularity)
+        scorer.reranker, scorer._rerank_lock = reranker, threading.Lock()
+        relevant = [np.array(list(val.relevant[r.request_id].values())) for r in val.requests]
+        sweep = {}
+        for w in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
+            scorer.fusion_weight = w
+            hits = scorer.rerank(val.requests, stage1, cfg.depth)
+            gains = np.array(
+                [
+                    [val.relevant[r.request_id].get(h.item_id, 0.0) for h in lst[:10]]
+                    + [0.0] * (10 - min(10, len(lst)))
+                    for r, lst in zip(val.requests, hits, strict=True)
+                ]
+            )
+            sweep[w] = float(
+                ranking_metrics(gains, relevant, ks=(10,), metrics=("ndcg",))[("ndcg", 10)].mean()
+            )
+        return {"best": max(sweep, key=lambda w: (sweep[w], -w)), "valid_ndcg@10": sweep}
+
     def _candidate_lists(
         self, requests: list[Request], depth: int, split: str
     ) -> list[list[tuple[str, str]]]:
@@ -551,16 +593,20 @@ class Engine:
         if not labelled:
             raise NotFoundError(f"split '{split}' gives no reranker training requests")
         reqs = [x.request for x in labelled]
+        window = max(cfg.depth, cfg.list_size)
         train_lists = make_lists(
             (
                 (r.text, c, x.positives)
-                for r, c, x in zip(
-                    reqs, self._candidate_lists(reqs, cfg.list_size, split), labelled, strict=True
-                )
+                for r, c, x in zip(reqs, self._candidate_lists(reqs, window, split), labelled, strict=True)
+                if _retrieved(c, x.positives)
             ),
             list_size=cfg.list_size,
             item_texts=catalogue.texts,
         )
+        if not train_lists:
+            raise NotFoundError(
+                f"stage 1 retrieves no training positive within depth {window}; raise reranker.depth"
+            )
         val = validation_set(self.store, catalogue, self.config, split=split, max_requests=cfg.eval_requests)
         val_lists = (
             make_lists(
@@ -569,6 +615,7 @@ class Engine:
                     for r, c in zip(
                         val.requests, self._candidate_lists(val.requests, cfg.depth, split), strict=True
                     )
+                    if _retrieved(c, val.relevant[r.request_id])
                 ),
                 list_size=cfg.depth,
                 item_texts=catalogue.texts,
@@ -594,6 +641,12 @@ class Engine:
             lora=cfg.lora,
             progress=self.progress,
         )
+        if val.requests:
+            fusion = self._tune_fusion(work / "model", val, split)
+            record = work / "model" / "training.json"
+            data = json.loads(record.read_text())
+            data["fusion_weight"], data["fusion_sweep"] = fusion["best"], fusion["valid_ndcg@10"]
+            record.write_text(json.dumps(data, indent=2))
         target = self._replace_model_dir("reranker", work / "model")
         work.rmdir()
         self._record_run(
@@ -650,6 +703,12 @@ def _validation_corpus(
     rest = sorted(i for i in texts if i not in keep)
     extra = random.Random(seed).sample(rest, max(0, min(len(rest), size - len(keep))))
     return {i: texts[i] for i in sorted(keep | set(extra))}
+
+
+def _retrieved(candidates: list[tuple[str, str]], positives: Mapping[str, float]) -> bool:
+    """Whether stage 1 found at least one positive: only such lists teach the reranker what it will see."""
+    ids = {i for i, _ in candidates}
+    return any(g > 0 and i in ids for i, g in positives.items())
 
 
 def _with_path(result: Any, path: Path) -> Any:

@@ -73,7 +73,6 @@ max_train_requests = {rerank_requests}
 eval_requests = 60
 train_batch_size = 4
 learning_rate = 3e-5
-fusion_weight = {fusion}
 [eval]
 ks = [1, 5, 10, 20, 100]
 bootstrap = 2000
@@ -153,7 +152,6 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
             pairs=3000 if quick else 6000,
             rerank_depth=20,
             rerank_requests=150 if quick else 300,
-            fusion=0.3,
         )
     )
     engine = Engine.open(root)
@@ -183,14 +181,51 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
     }
 
 
+def rerank_only(dataset: str, root: Path) -> dict[str, Any]:
+    """Retrain and re-evaluate stage 2 on an existing bench project; stage-1 results are kept from its JSON."""
+    import json
+
+    from common import RESULTS
+
+    previous = json.loads((RESULTS / f"quality_{dataset}.json").read_text())
+    previous = {k: v for k, v in previous.items() if k not in ("machine", "when", "quick")}
+    times = previous.get("stage_seconds", {})
+    engine = Engine.open(root)
+    rr = timed(times, "train_reranker", engine.train_reranker)
+    engine = Engine.open(root)
+    report = timed(
+        times,
+        "evaluate",
+        lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7, 0.5) if dataset == "movielens" else ()),
+    )
+    key = "fine_tuned_eval" if dataset == "scifact" else "eval"
+    previous[key] = rows(report)
+    previous["reranker_training"] = {
+        "best": rr.best_metric,
+        "metrics": dict(rr.metrics),
+        "steps": rr.steps,
+        "fusion_weight": engine.fusion_weight(),
+    }
+    previous["comparisons"] = report.comparisons
+    previous["stage_seconds"] = times
+    if dataset == "movielens":
+        previous["mmr_sweep"] = report.extra.get("mmr_sweep")
+    return previous
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dataset", choices=["scifact", "movielens"])
     parser.add_argument("--quick", action="store_true", help="smaller training and rerank depth")
     parser.add_argument("--project", help="project dir to (re)create; kept for bench_latency.py")
+    parser.add_argument("--rerank-only", action="store_true", help="reuse the project's retriever and index")
     args = parser.parse_args()
-    root = fresh(Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / args.dataset))
-    result = scifact(args.quick, root) if args.dataset == "scifact" else movielens(args.quick, root)
+    root = Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / args.dataset)
+    if args.rerank_only:
+        result = rerank_only(args.dataset, root)
+    else:
+        fresh(root)
+        result = scifact(args.quick, root) if args.dataset == "scifact" else movielens(args.quick, root)
     print(write(f"quality_{args.dataset}", {"quick": args.quick, **result}))
     for name, values in (result.get("fine_tuned_eval") or result.get("eval")).items():
         print(f"{name:12} nDCG@10 {values.get('nDCG@10', 0):.4f}  R@100 {values.get('R@100', 0):.4f}")
