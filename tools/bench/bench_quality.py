@@ -190,9 +190,11 @@ def rerank_only(dataset: str, root: Path) -> dict[str, Any]:
     previous = json.loads((RESULTS / f"quality_{dataset}.json").read_text())
     previous = {k: v for k, v in previous.items() if k not in ("machine", "when", "quick")}
     times = previous.get("stage_seconds", {})
-    engine = Engine.open(root)
+    prior = previous.get("popularity_prior")
+    overrides = {"retriever.popularity_weight": prior["best"]} if prior else None
+    engine = Engine.open(root, overrides=overrides)
     rr = timed(times, "train_reranker", engine.train_reranker)
-    engine = Engine.open(root)
+    engine = Engine.open(root, overrides=overrides)
     report = timed(
         times,
         "evaluate",
