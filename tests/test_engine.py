@@ -52,7 +52,7 @@ eval_requests = 10
 [reranker]
 model = "{tiny_bert_path}"
 max_length = 64
-depth = 8
+depth = 12
 list_size = 4
 max_train_requests = 12
 eval_requests = 6
@@ -79,6 +79,18 @@ def test_pipeline_trains_and_saves_models(trained_project):
     assert 0.0 <= record["fusion_weight"] <= 1.0  # tuned on the validation requests
     assert Engine.open(trained_project).fusion_weight() == record["fusion_weight"]
     assert (trained_project / "indexes" / "default" / "manifest.json").exists()
+
+
+def test_rerank_depth_is_the_shallowest_without_validation_loss(trained_project):
+    record = json.loads((trained_project / "models" / "reranker" / "training.json").read_text())
+    sweep = {int(d): v for d, v in record["depth_sweep"].items()}
+    assert sorted(sweep) == [10, 12]  # the grid up to reranker.depth, and the depth itself
+    full = sweep[12]
+    assert record["rerank_depth"] == min(d for d, v in sweep.items() if v >= full - 0.005)
+    assert Engine.open(trained_project).rerank_depth() == record["rerank_depth"]
+    overridden = Engine.open(trained_project, overrides={"reranker.serve_depth": 3})
+    assert overridden.rerank_depth() == 3
+    assert len(overridden.search("comedy film", k=5).hits) == 5  # k wins over a shallower depth
 
 
 def test_recommend_excludes_history_and_explains(trained_project):

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STORE_FILE = "twostage.duckdb"
+DEPTH_GRID = (10, 15, 20, 30, 50, 75, 100, 150, 200)  # rerank depths tried on validation
+DEPTH_TOLERANCE = 0.005  # nDCG@10 a shallower rerank may lose and still count as "no loss"
 
 
 class Engine:
@@ -365,7 +367,7 @@ class Engine:
         recall_scores = dict(candidates)
         use_rerank = stage == "rerank" and pipe.reranker is not None
         if use_rerank:
-            rerank_depth = max(self.config.reranker.depth, k)
+            rerank_depth = max(self.rerank_depth(), k)
             reranked = pipe.rerank([request], [candidates], rerank_depth)[0]
             ordered = [(h.item_id, h.score, h.rerank_score) for h in reranked]
         else:
@@ -470,16 +472,25 @@ class Engine:
         )
         return _with_path(result, target)
 
+    def _tuned(self, key: str) -> Any:
+        """A serving setting chosen on validation when the project's reranker was trained, else None."""
+        record = self.models_dir("reranker") / "training.json"
+        return json.loads(record.read_text()).get(key) if record.exists() else None
+
     def fusion_weight(self) -> float:
         """The configured fusion weight, else the one tuned when the project's reranker was trained, else 0."""
-        import json
-
         if self.config.reranker.fusion_weight is not None:
             return self.config.reranker.fusion_weight
-        record = self.models_dir("reranker") / "training.json"
-        if record.exists():
-            return float(json.loads(record.read_text()).get("fusion_weight", 0.0))
-        return 0.0
+        return float(self._tuned("fusion_weight") or 0.0)
+
+    def rerank_depth(self) -> int:
+        """How many stage-1 candidates to rerank: ``reranker.serve_depth``, else the depth tuned at training
+        (the smallest with no validation nDCG@10 loss), else ``reranker.depth``."""
+        cfg = self.config.reranker
+        if cfg.serve_depth is not None:
+            return cfg.serve_depth
+        tuned = self._tuned("rerank_depth")
+        return min(int(tuned), cfg.depth) if tuned else cfg.depth
 
     def split_pipeline(self, split: str, pipeline: Pipeline | None = None) -> Pipeline:
         """The pipeline as it must run on a split: popularity counted only from events before the cut-offs."""
@@ -534,35 +545,54 @@ class Engine:
         best = max(sweep, key=lambda b: (sweep[b], -b))
         return {"best": best, f"valid_recall@{k}": sweep}
 
-    def _tune_fusion(self, model_dir: Path, val: Any, split: str) -> dict[str, Any]:
-        """Choose the fusion weight on the validation requests: nDCG@10 of the fused top-depth lists."""
+    def _tune_serving(self, model_dir: Path, val: Any, split: str) -> dict[str, Any]:
+        """Choose the fusion weight, then the rerank depth, on the validation requests (nDCG@10).
+
+        The candidates are scored once at ``reranker.depth``; each (weight, depth) setting only re-fuses
+        them. The depth is the smallest whose nDCG@10 is within ``DEPTH_TOLERANCE`` of the full depth's:
+        deeper reranking would cost time and buy nothing measurable.
+        """
         import numpy as np
 
         from twostage.metrics import ranking_metrics
-        from twostage.rerank import Reranker
+        from twostage.rerank import Candidate, Reranker, fuse
 
         cfg = self.config.reranker
         reranker = Reranker(str(model_dir), max_length=cfg.max_length, batch_size=cfg.batch_size)
-        pipe = self.split_pipeline(split)
-        stage1 = pipe.recall(val.requests, cfg.depth)
-        scorer = pipe.with_popularity(pipe.popularity)
-        scorer.reranker, scorer._rerank_lock = reranker, threading.Lock()
+        catalogue = self.catalogue()
+        stage1 = self.split_pipeline(split).recall(val.requests, cfg.depth)
+        lists = [[Candidate(i, catalogue.text(i), s) for i, s in cands] for cands in stage1]
+        scores = reranker.score(
+            [(r.text, c.text) for r, cands in zip(val.requests, lists, strict=True) for c in cands]
+        )
+        bounds = np.cumsum([0] + [len(c) for c in lists])
         relevant = [np.array(list(val.relevant[r.request_id].values())) for r in val.requests]
-        sweep = {}
-        for w in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
-            scorer.fusion_weight = w
-            hits = scorer.rerank(val.requests, stage1, cfg.depth)
-            gains = np.array(
-                [
-                    [val.relevant[r.request_id].get(h.item_id, 0.0) for h in lst[:10]]
-                    + [0.0] * (10 - min(10, len(lst)))
-                    for r, lst in zip(val.requests, hits, strict=True)
-                ]
+
+        def ndcg10(weight: float, depth: int) -> float:
+            gains = []
+            for n, (r, cands) in enumerate(zip(val.requests, lists, strict=True)):
+                head = fuse(
+                    cands[:depth],
+                    scores[bounds[n] : bounds[n] + len(cands[:depth])],
+                    k=depth,
+                    fusion_weight=weight,
+                )
+                top = ([h.item_id for h in head] + [c.item_id for c in cands[depth:]])[:10]
+                gains.append([val.relevant[r.request_id].get(i, 0.0) for i in top] + [0.0] * (10 - len(top)))
+            return float(
+                ranking_metrics(np.array(gains), relevant, ks=(10,), metrics=("ndcg",))[("ndcg", 10)].mean()
             )
-            sweep[w] = float(
-                ranking_metrics(gains, relevant, ks=(10,), metrics=("ndcg",))[("ndcg", 10)].mean()
-            )
-        return {"best": max(sweep, key=lambda w: (sweep[w], -w)), "valid_ndcg@10": sweep}
+
+        weights = {w: ndcg10(w, cfg.depth) for w in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)}
+        best = max(weights, key=lambda w: (weights[w], -w))
+        depths = {d: ndcg10(best, d) for d in sorted({*DEPTH_GRID, cfg.depth}) if d <= cfg.depth}
+        chosen = min(d for d, v in depths.items() if v >= depths[cfg.depth] - DEPTH_TOLERANCE)
+        return {
+            "fusion_weight": best,
+            "fusion_sweep": weights,
+            "rerank_depth": chosen,
+            "depth_sweep": depths,
+        }
 
     def _candidate_lists(
         self, requests: list[Request], depth: int, split: str
@@ -642,10 +672,8 @@ class Engine:
             progress=self.progress,
         )
         if val.requests:
-            fusion = self._tune_fusion(work / "model", val, split)
             record = work / "model" / "training.json"
-            data = json.loads(record.read_text())
-            data["fusion_weight"], data["fusion_sweep"] = fusion["best"], fusion["valid_ndcg@10"]
+            data = {**json.loads(record.read_text()), **self._tune_serving(work / "model", val, split)}
             record.write_text(json.dumps(data, indent=2))
         target = self._replace_model_dir("reranker", work / "model")
         work.rmdir()

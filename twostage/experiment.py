@@ -75,7 +75,7 @@ def run_evaluation(
     rankings.append(("recall", stage1, seconds))
     final = None
     if pipe.reranker is not None:
-        final, seconds = _timed(lambda: _full(pipe, requests, stage1, config.reranker.depth, engine.progress))
+        final, seconds = _timed(lambda: _full(pipe, requests, stage1, engine.rerank_depth(), engine.progress))
         rankings.append(("rerank", final, seconds))
 
     beyond = _beyond_fn(engine, kind, split, pipe.index)
