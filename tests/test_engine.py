@@ -11,6 +11,7 @@ import pytest
 
 from twostage import Engine, Hit, Ranking
 from twostage.errors import IndexMismatchError, NotFoundError, TwostageError
+from twostage.requests import Request
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
 
@@ -189,3 +190,21 @@ def test_popularity_prior_reorders_recall_and_is_reported(trained_project):
     # evaluation counts popularity only before the split's cut-offs (no leak of held-out events)
     split_pop = engine.store.popularity("leave-last-out")
     assert sum(split_pop.values()) < sum(pop.values())
+
+
+def test_fusion_weight_one_skips_the_cross_encoder(trained_project, monkeypatch):
+    engine = Engine.open(trained_project, overrides={"reranker.fusion_weight": 1.0})
+    pipe = engine.pipeline()
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the cross-encoder ran although it cannot change the order")
+
+    monkeypatch.setattr(pipe.reranker, "score", forbidden)
+    served = engine.search("comedy film", k=5)
+    assert [h.stage for h in served.hits] == ["recall"] * 5
+    assert served.item_ids() == engine.search("comedy film", k=5, stage="recall").item_ids()
+    request = Request("q", "comedy film")
+    stage1 = pipe.recall([request], 10)
+    hits = pipe.rerank([request], stage1, 10)[0]
+    assert [h.item_id for h in hits] == [i for i, _ in stage1[0]]
+    assert all(h.rerank_score != h.rerank_score for h in hits)  # NaN: never scored

@@ -12,7 +12,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from twostage.rerank import Candidate, RerankedHit
+import numpy as np
+
+from twostage.rerank import Candidate, RerankedHit, fuse
 
 if TYPE_CHECKING:
     from twostage.encoders import BiEncoder
@@ -120,7 +122,9 @@ class Pipeline:
     ) -> list[list[RerankedHit]]:
         """Rerank the top ``depth`` candidates of each request (all of them come back, reordered).
 
-        ``texts`` overrides the request texts (explanations rescore edited contexts this way).
+        ``texts`` overrides the request texts (explanations rescore edited contexts this way). With fusion
+        weight 1 the cross-encoder cannot change the order, so it is not run: the hits keep stage-1 order and
+        their ``rerank_score`` is NaN.
         """
         if self.reranker is None:
             raise ValueError("this pipeline has no reranker")
@@ -128,6 +132,8 @@ class Pipeline:
         for n, (request, cands) in enumerate(zip(requests, candidates, strict=True)):
             top = [Candidate(i, self.catalogue.text(i), s) for i, s in cands[:depth]]
             batch.append((texts[n] if texts is not None else request.text, top))
+        if self.fusion_weight >= 1.0:
+            return [fuse(top, np.full(len(top), np.nan), k=depth, fusion_weight=1.0) for _, top in batch]
         with self._rerank_lock:
             return self.reranker.rerank_batch(
                 batch, k=depth, fusion_weight=self.fusion_weight, progress=progress

@@ -215,7 +215,12 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
             [
                 f"reranker vs the machine's ceiling ({x['tokens_per_pair']} tokens/pair)",
                 f"GEMM {x['gemm_gflops']:.0f} GFLOP/s; {x['gflop_per_pair']:.2f} GFLOP/pair; {x['pairs_per_s']:.1f} pairs/s = "
-                f"{100 * x['fraction_of_ceiling']:.0f}% of the ceiling ({x['ceiling_pairs_per_s']:.1f} pairs/s)",
+                f"{100 * x['fraction_of_ceiling']:.0f}% of the ceiling ({x['ceiling_pairs_per_s']:.1f} pairs/s)"
+                + (
+                    f"; tokenising is {100 * x['tokenize_share_of_scoring']:.1f}% of scoring time"
+                    if "tokenize_share_of_scoring" in x
+                    else ""
+                ),
                 when,
             ]
         )
