@@ -208,3 +208,20 @@ def test_fusion_weight_one_skips_the_cross_encoder(trained_project, monkeypatch)
     hits = pipe.rerank([request], stage1, 10)[0]
     assert [h.item_id for h in hits] == [i for i, _ in stage1[0]]
     assert all(h.rerank_score != h.rerank_score for h in hits)  # NaN: never scored
+
+
+def test_cli_train_reranker_reports_the_serving_choices(trained_project):
+    from click.testing import CliRunner
+
+    from twostage.cli import cli
+
+    result = CliRunner().invoke(cli, ["-p", str(trained_project), "train", "reranker", "--quiet"])
+    assert result.exit_code == 0, result.output
+    engine = Engine.open(trained_project)
+    assert f"rerank depth {engine.rerank_depth()}, fusion weight {engine.fusion_weight()}" in result.output
+    as_json = CliRunner().invoke(
+        cli, ["-p", str(trained_project), "query", "comedy film", "-k", "3", "--json"]
+    )
+    assert as_json.exit_code == 0, as_json.output
+    assert len(json.loads(as_json.stdout)["hits"]) == 3
+    assert "Loading weights" not in as_json.stderr  # --json silences the libraries' bars too

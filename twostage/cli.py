@@ -69,7 +69,19 @@ def output_options(func: Callable) -> Callable:
 def _engine(ctx: click.Context, out: Output, *, overrides: dict[str, Any] | None = None):
     from twostage.engine import Engine
 
-    return Engine.open(ctx.obj["project"], overrides=overrides, progress=not out.quiet and not out.as_json)
+    progress = not out.quiet and not out.as_json
+    if not progress:
+        _silence_library_progress()
+    return Engine.open(ctx.obj["project"], overrides=overrides, progress=progress)
+
+
+def _silence_library_progress() -> None:
+    """--quiet/--json: no bars from transformers (e.g. "Loading weights") or the Hugging Face hub either."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _mapping(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -245,7 +257,7 @@ def train_retriever(ctx, split_name, epochs, out: Output) -> None:
     result = engine.train_retriever(split=split_name)
     out.result(
         result,
-        f"Saved {result.model_path} (best validation {result.best_metric}, {result.steps} steps, {result.seconds:.0f}s)",
+        f"Saved {result.model_path} (best validation {result.best_metric:.4f}, {result.steps} steps, {result.seconds:.0f}s)",
     )
 
 
@@ -263,10 +275,13 @@ def train_reranker(ctx, split_name, loss, epochs, out: Output) -> None:
     Example: twostage train reranker --loss listnet
     """
     overrides = {k: v for k, v in {"reranker.loss": loss, "reranker.epochs": epochs}.items() if v}
-    result = _engine(ctx, out, overrides=overrides).train_reranker(split=split_name)
+    engine = _engine(ctx, out, overrides=overrides)
+    result = engine.train_reranker(split=split_name)
     out.result(
         result,
-        f"Saved {result.model_path} (best validation nDCG@10 {result.best_metric}, {result.steps} steps, {result.seconds:.0f}s)",
+        f"Saved {result.model_path} (best validation nDCG@10 {result.best_metric:.4f}, {result.steps} steps, "
+        f"{result.seconds:.0f}s); serving: rerank depth {engine.rerank_depth()}, "
+        f"fusion weight {engine.fusion_weight()} (chosen on validation)",
     )
 
 

@@ -98,8 +98,9 @@ def run_demo(
     lines = [
         f"Demo project: {root}  (stats: {engine.stats()['items']} items, {engine.stats()['events']} events)",
         f"Split: {counts}",
-        f"Retriever fine-tuned: best validation {retriever.best_metric}",
-        f"Reranker trained: best validation nDCG@10 {reranker.best_metric}",
+        f"Retriever fine-tuned: best validation {retriever.best_metric:.4f}",
+        f"Reranker trained: best validation nDCG@10 {reranker.best_metric:.4f}; rerank depth "
+        f"{engine.rerank_depth()}, fusion weight {engine.fusion_weight()} (chosen on validation)",
         "",
         report.table(
             [
