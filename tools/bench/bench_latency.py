@@ -141,7 +141,7 @@ def search_bench(n_queries: int, n_valid: int) -> dict[str, Any]:
         plain, [texts[q] for q in val_ids], [val_targets[q] for q in val_ids], [frozenset()] * len(val_ids)
     )
     engine = Engine.open(
-        BENCH / "scifact", overrides={"reranker.depth": depth["chosen"], "index.depth": DEPTH}
+        BENCH / "scifact", overrides={"reranker.serve_depth": depth["chosen"], "index.depth": DEPTH}
     )
     test = store.targets("given", "test")
     ids = sorted(test)
@@ -194,7 +194,7 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     )
     engine = Engine.open(
         BENCH / "movielens",
-        overrides={"reranker.depth": depth["chosen"], "index.depth": DEPTH},
+        overrides={"reranker.serve_depth": depth["chosen"], "index.depth": DEPTH},
     )
     test = split_requests(store, engine.catalogue(), engine.config.text, split="leave-last-out", part="test")
     random.Random(0).shuffle(test)
