@@ -192,16 +192,22 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     depth = choose_depth(
         plain, [r.text for r in valid], [vt[r.request_id] for r in valid], [r.exclude for r in valid]
     )
+    # ours as bench_quality.py tuned it: with the popularity prior chosen on validation (plain has none)
+    prior = json.loads((RESULTS / "quality_movielens.json").read_text())["popularity_prior"]["best"]
     engine = Engine.open(
         BENCH / "movielens",
-        overrides={"reranker.serve_depth": depth["chosen"], "index.depth": DEPTH},
+        overrides={
+            "reranker.serve_depth": depth["chosen"],
+            "index.depth": DEPTH,
+            "retriever.popularity_weight": prior,
+        },
     )
     test = split_requests(store, engine.catalogue(), engine.config.text, split="leave-last-out", part="test")
     random.Random(0).shuffle(test)
     test = test[:n_users]
     tt = store.targets("leave-last-out", "test")
     # serving uses the user's whole history; for a held-out measurement we serve the test-time context
-    pipe = engine.pipeline()
+    pipe = engine.split_pipeline("leave-last-out")  # popularity counted before the test cut-off
 
     def serve(text: str, _cache: dict = {r.text: r for r in test}) -> list[str]:  # noqa: B006
         request = _cache[text]
@@ -217,6 +223,8 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     out["plain_ndcg10"] = ndcg10(out.pop("plain_lists"), targets)
     out["depth_selection"] = depth
     out["users"] = len(test)
+    out["ours_popularity_prior"] = prior
+    out["fusion_weight"] = engine.fusion_weight()
     return out
 
 

@@ -184,7 +184,17 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                     f"{label} latency, stage-1 depth 100 → top 10 ({x.get('queries', x.get('users'))} requests)",
                     f"p50 {x['ours_seconds']['p50']:.2f} s vs plain {x['plain_seconds']['p50']:.2f} s (ratio {x['ratio_p50']:.2f}); "
                     f"p99 ratio {x['ratio_p99']:.2f}; rerank depth {x['depth_selection']['chosen']} chosen on validation; "
-                    f"nDCG@10 ours {x['ours_ndcg10']:.4f} vs plain {x['plain_ndcg10']:.4f}",
+                    f"nDCG@10 ours {x['ours_ndcg10']:.4f} vs plain {x['plain_ndcg10']:.4f}"
+                    + (
+                        f"; ours with the popularity prior (β={x['ours_popularity_prior']}), plain without"
+                        if x.get("ours_popularity_prior")
+                        else ""
+                    )
+                    + (
+                        "; the tuned fusion weight is 1, so ours skips the cross-encoder"
+                        if x.get("fusion_weight", 0) >= 1
+                        else ""
+                    ),
                     when,
                 ]
             )
