@@ -346,7 +346,8 @@ depth = 100
 
 [reranker]
 model = "default"
-depth = 50
+depth = 50                    # candidates per request when training; serving reranks the depth tuned on
+                              # validation (set serve_depth to fix it)
 loss = "listnet"              # or "lambdaloss", "listmle"
 
 [eval]
