@@ -201,6 +201,15 @@ def test_ratio_split_by_time(store):
     assert train_max <= held_min
 
 
+def test_ratio_split_by_time_keeps_users_below_min_events_in_train(store):
+    store.split(SplitConfig(strategy="ratio", ratios=(0.5, 0.25, 0.25)), RelevanceConfig(), name="r")
+    held = {u for part in ("valid", "test") for u in store.targets("r", part)}
+    events = dict(store.con.execute("SELECT user_id, count(*) FROM events GROUP BY 1").fetchall())
+    assert held and all(events[u] >= 3 for u in held)
+    strict = SplitConfig(strategy="ratio", ratios=(0.5, 0.25, 0.25), min_events=max(events.values()) + 1)
+    assert store.split(strict, RelevanceConfig(), name="r2") == {}
+
+
 def test_given_split_needs_judgments(store):
     with pytest.raises(NotFoundError, match="judgments"):
         store.split(SplitConfig(strategy="given"), RelevanceConfig())

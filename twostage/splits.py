@@ -94,13 +94,17 @@ def _ratio_by_time(
         f"""
         INSERT INTO splits
         WITH ordered AS (
-            SELECT *, (row_number() OVER (ORDER BY ts, seq) - 1) / count(*) OVER () AS q FROM events),
-        held AS (SELECT *, CASE WHEN q < ? + ? THEN 'valid' ELSE 'test' END AS part FROM ordered WHERE q >= ?),
+            SELECT *, (row_number() OVER (ORDER BY ts, seq) - 1) / count(*) OVER () AS q,
+                   count(*) OVER (PARTITION BY user_id) AS n
+            FROM events),
+        held AS (
+            SELECT *, CASE WHEN q < ? + ? THEN 'valid' ELSE 'test' END AS part
+            FROM ordered WHERE q >= ? AND n >= ?),
         cut AS (SELECT part, min(ts) AS cts, min_by(seq, (ts, seq)) AS cseq FROM held GROUP BY part)
         SELECT ?, h.part, 'user', h.user_id, h.item_id, {grade_sql}, c.cts, c.cseq
         FROM held h JOIN cut c USING (part)
         """,
-        [train, valid, train, name, *params],
+        [train, valid, train, config.min_events, name, *params],
     )
 
 
