@@ -70,7 +70,7 @@ max_length = 96
 depth = {rerank_depth}
 list_size = 8
 max_train_requests = {rerank_requests}
-eval_requests = 60
+eval_requests = 610
 train_batch_size = 4
 learning_rate = 3e-5
 [eval]
@@ -102,7 +102,7 @@ def scifact(quick: bool, root: Path) -> dict[str, Any]:
     Engine.init(root)
     (root / "twostage.toml").write_text(
         SCIFACT_TOML.format(
-            retriever_epochs=1 if quick else 2, rerank_depth=20, rerank_requests=120 if quick else 240
+            retriever_epochs=1 if quick else 2, rerank_depth=20, rerank_requests=120 if quick else 800
         )
     )
     engine = Engine.open(root)
@@ -151,7 +151,7 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
         MOVIELENS_TOML.format(
             pairs=3000 if quick else 6000,
             rerank_depth=20,
-            rerank_requests=150 if quick else 300,
+            rerank_requests=1500 if quick else 6000,
         )
     )
     engine = Engine.open(root)
