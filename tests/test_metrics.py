@@ -113,6 +113,16 @@ def test_only_requested_metrics_and_cutoffs_are_returned():
     assert all(v.shape == (0,) for v in empty.values())
 
 
+def test_mean_metric_from_ranked_ids_and_judgments():
+    # request a: relevant b (grade 2) at rank 2, unjudged x at rank 1; request b: short list, nothing found
+    rankings = [["x", "b", "c"], ["z"]]
+    targets = [{"b": 2.0, "d": 1.0}, {"y": 1.0}]
+    ndcg_a = (2.0 / math.log2(3)) / (2.0 + 1.0 / math.log2(3))
+    assert M.mean_metric(rankings, targets, "ndcg", 3) == pytest.approx(ndcg_a / 2)
+    assert M.mean_metric(rankings, targets, "recall", 3) == pytest.approx(0.25)
+    assert M.mean_metric(rankings, targets, "mrr", 1) == 0.0  # cut-off above the hit
+
+
 def test_ranking_input_errors():
     with pytest.raises(InputError, match="3 entries but gains has 2 rows"):
         M.ranking_metrics(np.zeros((2, 3)), [[1.0]] * 3)

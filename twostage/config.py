@@ -121,8 +121,9 @@ class RerankerConfig:
     chosen on the validation requests when the reranker was trained (saved in its ``training.json``).
     ``serve_depth`` is how many stage-1 candidates serving and evaluation rerank (cross-encoder time grows
     linearly with it); unset, it is the smallest depth up to ``depth`` whose validation nDCG@10 is within
-    0.005 of reranking all ``depth`` candidates, also chosen at training. Training lists come only from requests whose positive stage 1 retrieved within ``depth``, so the
-    reranker learns to order what it will actually see.
+    0.005 of reranking all ``depth`` candidates, also chosen at training. Training lists come only from
+    requests whose positive stage 1 retrieved within ``depth``, so the reranker learns to order what it will
+    actually see.
     """
 
     model: str = "default"

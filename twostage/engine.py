@@ -53,6 +53,7 @@ class Engine:
         self._rerankers: dict[str, Reranker] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._pipeline: Pipeline | None = None
+        self._reranker_record: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -426,6 +427,7 @@ class Engine:
             self._rerankers.clear()
             self._indexes.clear()
             self._pipeline = None
+            self._reranker_record = None
         return target
 
     def train_retriever(self, *, split: str | None = None) -> Any:
@@ -474,9 +476,16 @@ class Engine:
         return _with_path(result, target)
 
     def _tuned(self, key: str) -> Any:
-        """A serving setting chosen on validation when the project's reranker was trained, else None."""
-        record = self.models_dir("reranker") / "training.json"
-        return json.loads(record.read_text()).get(key) if record.exists() else None
+        """A serving setting chosen on validation when the project's reranker was trained, else None.
+
+        The reranker's ``training.json`` is read once (serving asks on every request) and forgotten when a
+        new reranker is moved into place.
+        """
+        with self._lock:
+            if self._reranker_record is None:
+                record = self.models_dir("reranker") / "training.json"
+                self._reranker_record = json.loads(record.read_text()) if record.exists() else {}
+            return self._reranker_record.get(key)
 
     def fusion_weight(self) -> float:
         """The configured fusion weight, else the one tuned when the project's reranker was trained, else 0."""
@@ -512,9 +521,7 @@ class Engine:
         Set the result as ``[retriever] popularity_weight``. Only the validation part is used, so the test
         part stays untouched by the choice.
         """
-        import numpy as np
-
-        from twostage.metrics import ranking_metrics
+        from twostage.metrics import mean_metric
         from twostage.requests import split_requests
 
         split = split or self.default_split()
@@ -530,19 +537,11 @@ class Engine:
         )
         targets = self.store.targets(split, "valid")
         pipe = self.pipeline().with_popularity(self.store.popularity(split))
-        relevant = [np.array(list(targets[r.request_id].values())) for r in requests]
+        judged = [targets[r.request_id] for r in requests]
         sweep = {}
         for beta in grid:
             lists = pipe.with_popularity(pipe.popularity, beta).recall(requests, k)
-            gains = np.array(
-                [
-                    [targets[r.request_id].get(i, 0.0) for i, _ in hits] + [0.0] * (k - len(hits))
-                    for r, hits in zip(requests, lists, strict=True)
-                ]
-            )
-            sweep[beta] = float(
-                ranking_metrics(gains, relevant, ks=(k,), metrics=("recall",))[("recall", k)].mean()
-            )
+            sweep[beta] = mean_metric([[i for i, _ in hits] for hits in lists], judged, "recall", k)
         best = max(sweep, key=lambda b: (sweep[b], -b))
         return {"best": best, f"valid_recall@{k}": sweep}
 
@@ -555,7 +554,8 @@ class Engine:
         """
         import numpy as np
 
-        from twostage.metrics import ranking_metrics
+        from twostage.metrics import mean_metric
+        from twostage.pipeline import with_reranked_head
         from twostage.rerank import Candidate, Reranker, fuse
 
         cfg = self.config.reranker
@@ -566,23 +566,16 @@ class Engine:
         scores = reranker.score(
             [(r.text, c.text) for r, cands in zip(val.requests, lists, strict=True) for c in cands]
         )
-        bounds = np.cumsum([0] + [len(c) for c in lists])
-        relevant = [np.array(list(val.relevant[r.request_id].values())) for r in val.requests]
+        starts = np.cumsum([0] + [len(c) for c in lists])
+        judged = [val.relevant[r.request_id] for r in val.requests]
 
         def ndcg10(weight: float, depth: int) -> float:
-            gains = []
-            for n, (r, cands) in enumerate(zip(val.requests, lists, strict=True)):
-                head = fuse(
-                    cands[:depth],
-                    scores[bounds[n] : bounds[n] + len(cands[:depth])],
-                    k=depth,
-                    fusion_weight=weight,
-                )
-                top = ([h.item_id for h in head] + [c.item_id for c in cands[depth:]])[:10]
-                gains.append([val.relevant[r.request_id].get(i, 0.0) for i in top] + [0.0] * (10 - len(top)))
-            return float(
-                ranking_metrics(np.array(gains), relevant, ks=(10,), metrics=("ndcg",))[("ndcg", 10)].mean()
-            )
+            heads = [
+                fuse(head, scores[start : start + len(head)], k=depth, fusion_weight=weight)
+                for start, head in zip(starts[:-1], (cands[:depth] for cands in lists), strict=True)
+            ]
+            final = with_reranked_head(stage1, heads)
+            return mean_metric([[i for i, _ in hits] for hits in final], judged, "ndcg", 10)
 
         weights = {w: ndcg10(w, cfg.depth) for w in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)}
         best = max(weights, key=lambda w: (weights[w], -w))

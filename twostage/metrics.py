@@ -233,6 +233,22 @@ def ranking_metrics(
 
 
 # ------------------------------------------------------------------------------- beyond accuracy
+def mean_metric(
+    rankings: Sequence[Sequence[str]], targets: Sequence[Mapping[str, float]], metric: str, k: int
+) -> float:
+    """Mean of one metric at ``k`` over ranked item ids and their ``{item_id: grade}`` judgments.
+
+    For tuning loops and benchmarks that hold ranked lists rather than a gains matrix; the formulas are
+    :func:`ranking_metrics`'.
+    """
+    gains = np.zeros((len(rankings), k))
+    for row, (items, grades) in enumerate(zip(rankings, targets, strict=True)):
+        for col, item in enumerate(items[:k]):
+            gains[row, col] = grades.get(item, 0.0)
+    relevant = [np.array(list(grades.values()), dtype=np.float64) for grades in targets]
+    return float(ranking_metrics(gains, relevant, ks=(k,), metrics=(metric,))[(metric, k)].mean())
+
+
 def _exposure_counts(rec_lists: Sequence[Sequence[str]]) -> Counter[str]:
     return Counter(item for lst in rec_lists for item in lst)
 

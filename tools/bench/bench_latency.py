@@ -32,7 +32,7 @@ import numpy as np
 from common import RESULTS, percentiles, repeat, write
 
 from twostage import Engine
-from twostage.metrics import ranking_metrics
+from twostage.metrics import mean_metric
 from twostage.rerank import Candidate, fuse
 
 BENCH = Path(tempfile.gettempdir()) / "twostage-bench"
@@ -41,11 +41,7 @@ K = 10
 
 
 def ndcg10(rankings: list[list[str]], targets: list[dict[str, float]]) -> float:
-    gains = np.array(
-        [[t.get(i, 0.0) for i in (r + [""] * K)[:K]] for r, t in zip(rankings, targets, strict=True)]
-    )
-    relevant = [np.array(sorted(t.values(), reverse=True)) for t in targets]
-    return float(ranking_metrics(gains, relevant, ks=(K,), metrics=("ndcg",))[("ndcg", K)].mean())
+    return mean_metric(rankings, targets, "ndcg", K)
 
 
 class Plain:
