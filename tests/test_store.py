@@ -114,6 +114,13 @@ def test_extra_columns_go_to_attrs(tmp_path):
             "unknown.csv:row 2:item: unknown item_id 99",
         ),
         (
+            "judgments",
+            "qrels.csv",
+            "query_id,item_id,relevance\nq9,1,1\n",
+            None,
+            "qrels.csv:row 1:query_id: unknown query_id q9; ingest the queries first",
+        ),
+        (
             "events",
             "missing_val.csv",
             "user,item,rating,ts\n,1,5,100\n",

@@ -313,19 +313,18 @@ def _column_sql(
             f"SELECT _row, {q_}, {i_}, min(_row) OVER (PARTITION BY trim(CAST({q_} AS VARCHAR)), "
             f"trim(CAST({i_} AS VARCHAR)), CAST({p_} AS VARCHAR)) AS first_row FROM _src) WHERE _row > first_row"
         )
-    if kind in ("events", "judgments"):
-        k = _quote(source["item_id"] or "item_id")
+    # references to rows that must already be in the store: (column, table, kinds that carry it)
+    for ref, table, kinds in (
+        ("item_id", "items", ("events", "judgments")),
+        ("query_id", "queries", ("judgments",)),
+    ):
+        if kind not in kinds:
+            continue
+        k = _quote(source[ref] or ref)
         checks.append(
-            f"SELECT _row, {lit(source['item_id'])}, 'unknown item_id ' || trim(CAST({k} AS VARCHAR)) || "
-            f"'; ingest the items first' FROM _src WHERE {k} IS NOT NULL AND trim(CAST({k} AS VARCHAR)) "
-            f"NOT IN (SELECT item_id FROM items)"
-        )
-    if kind == "judgments":
-        k = _quote(source["query_id"] or "query_id")
-        checks.append(
-            f"SELECT _row, {lit(source['query_id'])}, 'unknown query_id ' || trim(CAST({k} AS VARCHAR)) || "
-            f"'; ingest the queries first' FROM _src WHERE {k} IS NOT NULL AND trim(CAST({k} AS VARCHAR)) "
-            f"NOT IN (SELECT query_id FROM queries)"
+            f"SELECT _row, {lit(source[ref])}, 'unknown {ref} ' || trim(CAST({k} AS VARCHAR)) || "
+            f"'; ingest the {table} first' FROM _src WHERE {k} IS NOT NULL AND trim(CAST({k} AS VARCHAR)) "
+            f"NOT IN (SELECT {ref} FROM {table})"
         )
     if kind == "items":
         extras = [c for c in columns if c not in {s for s in source.values() if s}]
