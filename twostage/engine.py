@@ -367,7 +367,7 @@ class Engine:
         candidates = pipe.recall([request], depth)[0]
         recall_scores = dict(candidates)
         # fusion weight 1 = stage-1 order: the reranker cannot change it, so it is not run (nor explained)
-        use_rerank = stage == "rerank" and pipe.reranker is not None and pipe.fusion_weight < 1.0
+        use_rerank = stage == "rerank" and pipe.runs_reranker
         if use_rerank:
             rerank_depth = max(self.rerank_depth(), k)
             reranked = pipe.rerank([request], [candidates], rerank_depth)[0]

@@ -77,6 +77,11 @@ class Pipeline:
         with self._rerank_lock:
             return self.reranker.score(pairs)
 
+    @property
+    def runs_reranker(self) -> bool:
+        """True when stage 2 can change the order: a reranker is loaded and the fusion weight is below 1."""
+        return self.reranker is not None and self.fusion_weight < 1.0
+
     def with_popularity(self, popularity: Mapping[str, float], weight: float | None = None) -> Pipeline:
         """The same models with another popularity table (e.g. counted only before a split's cut-off)."""
         other = copy.copy(self)
@@ -132,7 +137,7 @@ class Pipeline:
         for n, (request, cands) in enumerate(zip(requests, candidates, strict=True)):
             top = [Candidate(i, self.catalogue.text(i), s) for i, s in cands[:depth]]
             batch.append((texts[n] if texts is not None else request.text, top))
-        if self.fusion_weight >= 1.0:
+        if not self.runs_reranker:
             return [fuse(top, np.full(len(top), np.nan), k=depth, fusion_weight=1.0) for _, top in batch]
         with self._rerank_lock:
             return self.reranker.rerank_batch(
