@@ -124,10 +124,17 @@ class RerankerConfig:
     0.005 of reranking all ``depth`` candidates, also chosen at training. Training lists come only from
     requests whose positive stage 1 retrieved within ``depth``, so the reranker learns to order what it will
     actually see.
+
+    ``item_template`` is the item text the cross-encoder reads (unset: ``[text] item_template``). It may
+    use ``{cowatched}``: the titles of the ``cowatched_size`` items most often watched by the same users,
+    counted from the event log (see ``twostage.cowatch``). Stage 2 can match them against the user's
+    recent titles; stage 1's item vectors cannot depend on the logs, so the field is for stage 2 only.
     """
 
     model: str = "default"
     enabled: bool = True
+    item_template: str | None = None
+    cowatched_size: int = 8
     max_length: int = 256
     batch_size: int = 32
     depth: int = 50
@@ -292,6 +299,13 @@ def _validate(config: Config) -> None:
             raise ConfigError("must be at least 1", key=key)
     if config.reranker.serve_depth is not None and config.reranker.serve_depth < 1:
         raise ConfigError("must be at least 1", key="reranker.serve_depth")
+    if "{cowatched}" in config.text.item_template:
+        raise ConfigError(
+            "{cowatched} depends on the event log: use it in [reranker] item_template (stage 2 only)",
+            key="text.item_template",
+        )
+    if config.reranker.cowatched_size < 1:
+        raise ConfigError("must be at least 1", key="reranker.cowatched_size")
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -350,6 +364,8 @@ model = "default"
 depth = 50                    # candidates per request when training; serving reranks the depth tuned on
                               # validation (set serve_depth to fix it)
 loss = "listnet"              # or "lambdaloss", "listmle"
+# item_template = "{title}. {categories}. Watched with: {cowatched}"   # recommendation: the text stage 2
+                              # reads; {cowatched} = titles most often watched by the same users
 
 [eval]
 ks = [1, 5, 10, 100]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class Engine:
         self._indexes: dict[str, VectorIndex] = {}
         self._pipeline: Pipeline | None = None
         self._reranker_record: dict[str, Any] | None = None
+        self._rerank_texts: dict[str | None, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -126,6 +127,7 @@ class Engine:
         with self._lock:
             self._catalogue = None
             self._pipeline = None
+            self._rerank_texts.clear()
 
     def split(self, strategy: str | None = None, *, name: str | None = None) -> dict[str, int]:
         """Make the train/valid/test split (config ``[split]``, or ``strategy`` to override it)."""
@@ -163,6 +165,38 @@ class Engine:
                     raise NotFoundError("the store has no items; ingest items first")
                 self._catalogue = catalogue
             return self._catalogue
+
+    def _rerank_template(self) -> str:
+        return self.config.reranker.item_template or self.config.text.item_template
+
+    def _reads_cowatched(self) -> bool:
+        from twostage.cowatch import FIELD
+        from twostage.text import template_fields
+
+        return FIELD in template_fields(self._rerank_template())
+
+    def rerank_texts(self, split: str | None = None, *, exclude_users: Iterable[str] = ()) -> dict[str, str]:
+        """The item texts stage 2 reads (``[reranker] item_template``).
+
+        With ``{cowatched}`` the lists are counted from the events before ``split``'s cut-offs (all events
+        when None), leaving out ``exclude_users`` (training folds; not cached).
+        """
+        from twostage.cowatch import co_watched
+
+        catalogue = self.catalogue()
+        if not self._reads_cowatched():
+            return catalogue.texts_with(self._rerank_template())
+        exclude = frozenset(exclude_users)
+        with self._lock:
+            if exclude or split not in self._rerank_texts:
+                lists = co_watched(
+                    self.store, top=self.config.reranker.cowatched_size, split=split, exclude_users=exclude
+                )
+                texts = catalogue.texts_with(self._rerank_template(), lists)
+                if exclude:
+                    return texts
+                self._rerank_texts[split] = texts
+            return self._rerank_texts[split]
 
     def retriever(self, *, base: bool = False) -> BiEncoder:
         """The bi-encoder: the project's fine-tuned one when it exists (unless ``base``), else the configured model."""
@@ -307,6 +341,7 @@ class Engine:
                     index=self.index(),
                     catalogue=self.catalogue(),
                     reranker=self.reranker(),
+                    rerank_texts=self.rerank_texts(),
                     fusion_weight=self.fusion_weight(),
                     popularity=self.store.popularity()
                     if self.config.retriever.popularity_weight > 0
@@ -503,10 +538,15 @@ class Engine:
         return min(int(tuned), cfg.depth) if tuned else cfg.depth
 
     def split_pipeline(self, split: str, pipeline: Pipeline | None = None) -> Pipeline:
-        """The pipeline as it must run on a split: popularity counted only from events before the cut-offs."""
+        """The pipeline as it must run on a split: popularity and co-watch lists counted only from events
+        before the cut-offs."""
         pipe = pipeline or self.pipeline()
-        if pipe.popularity_weight > 0 and self.store.require_split(split) == "user":
-            return pipe.with_popularity(self.store.popularity(split))
+        if self.store.require_split(split) != "user":
+            return pipe
+        if pipe.popularity_weight > 0:
+            pipe = pipe.with_popularity(self.store.popularity(split))
+        if self._reads_cowatched():
+            pipe = pipe.with_rerank_texts(self.rerank_texts(split))
         return pipe
 
     def tune_popularity_weight(
@@ -560,9 +600,9 @@ class Engine:
 
         cfg = self.config.reranker
         reranker = Reranker(str(model_dir), max_length=cfg.max_length, batch_size=cfg.batch_size)
-        catalogue = self.catalogue()
-        stage1 = self.split_pipeline(split).recall(val.requests, cfg.depth)
-        lists = [[Candidate(i, catalogue.text(i), s) for i, s in cands] for cands in stage1]
+        pipe = self.split_pipeline(split)
+        stage1 = pipe.recall(val.requests, cfg.depth)
+        lists = [[Candidate(i, pipe.rerank_text(i), s) for i, s in cands] for cands in stage1]
         scores = reranker.score(
             [(r.text, c.text) for r, cands in zip(val.requests, lists, strict=True) for c in cands]
         )
@@ -589,11 +629,27 @@ class Engine:
         }
 
     def _candidate_lists(
-        self, requests: list[Request], depth: int, split: str
+        self, requests: list[Request], depth: int, split: str, texts: Mapping[str, str]
     ) -> list[list[tuple[str, str]]]:
-        catalogue = self.catalogue()
         found = self.split_pipeline(split).recall(requests, depth, progress=self.progress)
-        return [[(i, catalogue.text(i)) for i, _ in cands] for cands in found]
+        return [[(i, texts[i]) for i, _ in cands] for cands in found]
+
+    def _training_texts(self, labelled: list[Any], split: str) -> list[dict[str, str]]:
+        """Stage 2's item texts for each training request. With ``{cowatched}``, users are dealt into
+        folds and a request reads lists counted without its fold's users: its own events would otherwise
+        make its positive look co-watched with its history, a signal no held-out request has."""
+        from twostage.cowatch import TRAIN_FOLDS, training_folds
+
+        if not self._reads_cowatched() or self.store.require_split(split) != "user":
+            texts = self.split_pipeline(split).rerank_texts
+            return [texts] * len(labelled)
+        users = [x.user_id for x in labelled]
+        folds = training_folds(users, TRAIN_FOLDS, self.config.reranker.seed)
+        texts_by_fold = {
+            fold: self.rerank_texts(split, exclude_users=[u for u, f in folds.items() if f == fold])
+            for fold in sorted(set(folds.values()))
+        }
+        return [texts_by_fold[folds[u]] for u in users]
 
     def train_reranker(self, *, split: str | None = None) -> Any:
         """Fine-tune the cross-encoder listwise on stage-1 candidate lists (positives ensured in each list);
@@ -616,33 +672,42 @@ class Engine:
         )
         if not labelled:
             raise NotFoundError(f"split '{split}' gives no reranker training requests")
-        reqs = [x.request for x in labelled]
         window = max(cfg.depth, cfg.list_size)
-        train_lists = make_lists(
-            (
-                (r.text, c, x.positives)
-                for r, c, x in zip(reqs, self._candidate_lists(reqs, window, split), labelled, strict=True)
-                if _retrieved(c, x.positives)
-            ),
-            list_size=cfg.list_size,
-            item_texts=catalogue.texts,
-        )
+        per_request = self._training_texts(labelled, split)
+        train_lists = []
+        for texts in {id(t): t for t in per_request}.values():
+            group = [x for x, t in zip(labelled, per_request, strict=True) if t is texts]
+            reqs = [x.request for x in group]
+            train_lists += make_lists(
+                (
+                    (r.text, c, x.positives)
+                    for r, c, x in zip(
+                        reqs, self._candidate_lists(reqs, window, split, texts), group, strict=True
+                    )
+                    if _retrieved(c, x.positives)
+                ),
+                list_size=cfg.list_size,
+                item_texts=texts,
+            )
         if not train_lists:
             raise NotFoundError(
                 f"stage 1 retrieves no training positive within depth {window}; raise reranker.depth"
             )
         val = validation_set(self.store, catalogue, self.config, split=split, max_requests=cfg.eval_requests)
+        val_texts = self.split_pipeline(split).rerank_texts
         val_lists = (
             make_lists(
                 (
                     (r.text, c, val.relevant[r.request_id])
                     for r, c in zip(
-                        val.requests, self._candidate_lists(val.requests, cfg.depth, split), strict=True
+                        val.requests,
+                        self._candidate_lists(val.requests, cfg.depth, split, val_texts),
+                        strict=True,
                     )
                     if _retrieved(c, val.relevant[r.request_id])
                 ),
                 list_size=cfg.depth,
-                item_texts=catalogue.texts,
+                item_texts=val_texts,
             )
             if val.requests
             else None

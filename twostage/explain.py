@@ -23,9 +23,8 @@ if TYPE_CHECKING:
 def _scores(engine: Engine, texts: Sequence[str], item_ids: Sequence[str], use_rerank: bool) -> np.ndarray:
     """Score every (text, item) pair: a matrix texts × items, with the reranker or the bi-encoder."""
     pipe = engine.pipeline()
-    catalogue = engine.catalogue()
     if use_rerank:
-        pairs = [(t, catalogue.text(i)) for t in texts for i in item_ids]
+        pairs = [(t, pipe.rerank_text(i)) for t in texts for i in item_ids]
         return np.asarray(pipe.score_pairs(pairs), dtype=np.float64).reshape(len(texts), len(item_ids))
     text_vecs = pipe.encode(texts)
     item_vecs = pipe.index.vectors(list(item_ids))

@@ -51,6 +51,7 @@ class Pipeline:
         index: VectorIndex,
         catalogue: Catalogue,
         reranker: Reranker | None = None,
+        rerank_texts: Mapping[str, str] | None = None,
         fusion_weight: float = 0.0,
         popularity: Mapping[str, float] | None = None,
         popularity_weight: float = 0.0,
@@ -59,6 +60,7 @@ class Pipeline:
         self.index = index
         self.catalogue = catalogue
         self.reranker = reranker
+        self.rerank_texts = rerank_texts if rerank_texts is not None else catalogue.texts
         self.fusion_weight = fusion_weight
         self.popularity = popularity or {}
         self.popularity_weight = popularity_weight
@@ -81,6 +83,16 @@ class Pipeline:
     def runs_reranker(self) -> bool:
         """True when stage 2 can change the order: a reranker is loaded and the fusion weight is below 1."""
         return self.reranker is not None and self.fusion_weight < 1.0
+
+    def rerank_text(self, item_id: str) -> str:
+        """The text stage 2 reads for an item (``[reranker] item_template``)."""
+        return self.rerank_texts[item_id]
+
+    def with_rerank_texts(self, texts: Mapping[str, str]) -> Pipeline:
+        """The same models reading other item texts in stage 2 (e.g. co-watch lists counted before a cut-off)."""
+        other = copy.copy(self)
+        other.rerank_texts = texts
+        return other
 
     def with_popularity(self, popularity: Mapping[str, float], weight: float | None = None) -> Pipeline:
         """The same models with another popularity table (e.g. counted only before a split's cut-off)."""
@@ -135,7 +147,7 @@ class Pipeline:
             raise ValueError("this pipeline has no reranker")
         batch = []
         for n, (request, cands) in enumerate(zip(requests, candidates, strict=True)):
-            top = [Candidate(i, self.catalogue.text(i), s) for i, s in cands[:depth]]
+            top = [Candidate(i, self.rerank_text(i), s) for i, s in cands[:depth]]
             batch.append((texts[n] if texts is not None else request.text, top))
         if not self.runs_reranker:
             return [fuse(top, np.full(len(top), np.nan), k=depth, fusion_weight=1.0) for _, top in batch]

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twostage.cowatch import FIELD, SEPARATOR
 from twostage.errors import NotFoundError
 from twostage.text import render_item, render_user
 
@@ -53,6 +54,22 @@ class Catalogue:
     def title(self, item_id: str) -> str:
         rec = self.records.get(item_id, {})
         return str(rec.get("title") or item_id)
+
+    def texts_with(
+        self, template: str, cowatched: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, str]:
+        """Every item rendered with another template (stage 2's); ``{cowatched}`` filled from ``cowatched``
+        (item id → co-watched item ids, rendered as their titles)."""
+        if template == self.template and cowatched is None:
+            return self.texts
+        lists = cowatched or {}
+        return {
+            item_id: render_item(
+                {**rec, FIELD: SEPARATOR.join(self.title(i) for i in lists.get(item_id, ()) if i in self)},
+                template,
+            )
+            for item_id, rec in self.records.items()
+        }
 
     def categories(self) -> dict[str, set[str]]:
         return {i: set(r.get("categories") or []) for i, r in self.records.items()}

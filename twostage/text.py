@@ -57,7 +57,7 @@ def render_item(item: Mapping[str, Any], template: str) -> str:
 
     Example:
         >>> render_item({"title": "Heat (1995)", "categories": ["Action", "Crime"]}, "{title}. {categories}. {body}")
-        'Heat (1995). Action, Crime'
+        'Heat (1995). Action, Crime.'
     """
     return _tidy(template.format_map(_Blank(item_fields(item))))
 

@@ -66,7 +66,8 @@ eval_requests = 200
 [index]
 depth = 100
 [reranker]
-max_length = 96
+item_template = "{{title}}. {{categories}}. Watched with: {{cowatched}}"
+max_length = 160
 depth = {rerank_depth}
 list_size = 8
 max_train_requests = {rerank_requests}
@@ -150,8 +151,8 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
     (root / "twostage.toml").write_text(
         MOVIELENS_TOML.format(
             pairs=3000 if quick else 6000,
-            rerank_depth=20,
-            rerank_requests=1500 if quick else 6000,
+            rerank_depth=20 if quick else 50,
+            rerank_requests=1500 if quick else 4000,
         )
     )
     engine = Engine.open(root)

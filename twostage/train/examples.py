@@ -23,10 +23,11 @@ VALID_PARTS = ("valid", "dev", "validation")
 
 @dataclass(frozen=True)
 class LabelledRequest:
-    """A training request with its graded positives ({item_id: grade})."""
+    """A training request with its graded positives ({item_id: grade}), and whose it is (users only)."""
 
     request: Request
     positives: dict[str, float]
+    user_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,5 +148,5 @@ def reranker_requests(
             request = Request(
                 f"{user}@{t}", user_text(history, catalogue, config.text), frozenset(history), tuple(history)
             )
-            out.append(LabelledRequest(request, {item_id: grade}))
+            out.append(LabelledRequest(request, {item_id: grade}, user))
     return out

@@ -1,0 +1,107 @@
+"""Co-watch lists for stage 2's item text: counted in DuckDB, never from held-out events or the request's user."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_engine import make_movielens
+
+from twostage import Engine
+from twostage.config import RelevanceConfig, SplitConfig, from_dict
+from twostage.cowatch import MIN_USERS, co_watched, training_folds
+from twostage.errors import ConfigError
+from twostage.requests import Catalogue
+from twostage.store import Store
+from twostage.train.examples import reranker_requests
+
+
+def _store(tmp_path: Path, events: list[tuple[str, str, int]]) -> Store:
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n" + "".join(f"{i},Film {i}\n" for i in "12345"))
+    log = tmp_path / "events.csv"
+    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    store = Store(tmp_path / "p.duckdb")
+    store.ingest(items, "items")
+    store.ingest(log, "events")
+    return store
+
+
+def _events() -> list[tuple[str, str, int]]:
+    """Users u1–u6 watch 1 then 2; u1–u5 also 3 (last); u7 watches 1 and 4 (4 has one user)."""
+    events = []
+    for n in range(1, 7):
+        events += [(f"u{n}", "1", 10), (f"u{n}", "2", 20)]
+        if n <= 5:
+            events.append((f"u{n}", "3", 30))
+    return [*events, ("u7", "1", 10), ("u7", "4", 20), ("u7", "5", 30)]
+
+
+def test_lists_rank_by_cosine_and_skip_items_with_few_users(tmp_path):
+    store = _store(tmp_path, _events())
+    lists = co_watched(store, top=5)
+    # cos(1,2) = 6/sqrt(7·6) = 0.93 > cos(1,3) = 5/sqrt(7·5) = 0.85; 4 and 5 have one user each (< MIN_USERS)
+    assert lists["1"] == ["2", "3"]
+    assert lists["3"] == ["2", "1"]  # 5/sqrt(5·6) = 0.91 > 5/sqrt(5·7) = 0.85
+    assert "4" not in lists["1"] and MIN_USERS > 1
+    assert co_watched(store, top=1)["1"] == ["2"]
+
+
+def test_excluded_users_and_held_out_events_are_not_counted(tmp_path):
+    store = _store(tmp_path, _events())
+    # without u1, item 3 has 4 users (< MIN_USERS): it drops out of every list
+    assert "3" not in co_watched(store, top=5, exclude_users=["u1"])["1"]
+    # leave-last-out holds out each user's last event (item 3 for u1–u5): only training events count
+    store.split(SplitConfig(strategy="leave-last-out", min_events=3), RelevanceConfig())
+    lists = co_watched(store, top=5, split="leave-last-out")
+    assert all("3" not in v for v in lists.values())
+    assert "3" not in lists
+
+
+def test_cowatched_is_for_stage_two_only():
+    with pytest.raises(ConfigError, match="reranker"):
+        from_dict({"text": {"item_template": "{title}. {cowatched}"}})
+    config = from_dict({"reranker": {"item_template": "{title}. Watched with: {cowatched}"}})
+    assert config.reranker.cowatched_size == 8
+
+
+def test_catalogue_renders_cowatched_titles_and_drops_an_empty_field():
+    catalogue = Catalogue([{"item_id": "1", "title": "Heat"}, {"item_id": "2", "title": "Casino"}], "{title}")
+    texts = catalogue.texts_with("{title}. Watched with: {cowatched}", {"1": ["2"]})
+    assert texts == {"1": "Heat. Watched with: Casino", "2": "Casino."}
+    assert catalogue.texts_with("{title}") is catalogue.texts
+
+
+def test_folds_deal_every_user_once():
+    folds = training_folds([f"u{n}" for n in range(10)] * 2, 5, seed=0)
+    assert sorted(folds) == sorted(f"u{n}" for n in range(10))
+    assert sorted(folds.values()) == sorted([0, 1, 2, 3, 4] * 2)
+
+
+def test_engine_reads_split_lists_in_evaluation_and_other_folds_in_training(tmp_path):
+    project = tmp_path / "project"
+    Engine.init(project)
+    (project / "twostage.toml").write_text(
+        '[reranker]\nitem_template = "{title}. Watched with: {cowatched}"\ncowatched_size = 3\n'
+    )
+    engine = Engine.open(project)
+    engine.load_dataset("movielens", make_movielens(tmp_path / "data", n_users=60))
+    engine.split()
+    split = engine.default_split()
+    served, held_out = engine.rerank_texts(), engine.rerank_texts(split)
+    expected = co_watched(engine.store, top=3, split=split)
+    assert expected and all(len(ids) == 3 for ids in expected.values())
+    catalogue = engine.catalogue()
+    for item_id, ids in expected.items():
+        titles = "; ".join(catalogue.title(i) for i in ids)
+        assert held_out[item_id] == f"{catalogue.title(item_id)}. Watched with: {titles}"
+    assert served != held_out  # serving counts every event, evaluation only those before the cut-offs
+
+    labelled = reranker_requests(engine.store, catalogue, engine.config, split=split, max_requests=30, seed=0)
+    per_request = engine._training_texts(labelled, split)
+    folds = training_folds([x.user_id for x in labelled], 5, engine.config.reranker.seed)
+    for x, texts in zip(labelled, per_request, strict=True):
+        mates = [u for u, f in folds.items() if f == folds[x.user_id]]
+        assert x.user_id in mates
+        assert texts == engine.rerank_texts(split, exclude_users=mates)
+    engine.close()

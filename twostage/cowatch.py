@@ -1,0 +1,91 @@
+"""Items watched together, as text stage 2 can read: ``{cowatched}`` in ``[reranker] item_template``.
+
+Each item's ``cowatched`` field lists the titles of the items most often in the same users' histories
+(cosine of co-occurrence counts). A cross-encoder reads the user's recent titles and the candidate's
+co-watched titles in one sequence and can match them title for title: the collaborative signal of item-kNN,
+in a form a text model can use. A bi-encoder squeezes each side into one vector before they meet, so this
+set overlap is exactly what stage 2 can see and stage 1 cannot. On ml-latest-small (validation users, top
+100 of stage 1), adding "how many of the last 5 titles are in the candidate's top-8 co-watched list" to the
+stage-1 score raised nDCG@10 from 0.035 to 0.05.
+
+The counts come from the event log in DuckDB: for evaluation only from events before the split's cut-offs,
+and for reranker training from other users than the request's (:func:`training_folds`), so a training
+positive is never "co-watched" because of the very user it is the positive of.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twostage.store import Store
+
+FIELD = "cowatched"
+MIN_USERS = 5  # a co-watched item needs this many users: below it, cosine is noise
+MAX_ITEMS_PER_USER = 200  # each user's most recent items only: bounds the self-join on heavy users
+SEPARATOR = "; "
+TRAIN_FOLDS = 5  # reranker training requests read lists counted without their fold (4/5 of the users)
+
+
+def co_watched(
+    store: Store,
+    *,
+    top: int,
+    split: str | None = None,
+    exclude_users: Iterable[str] = (),
+) -> dict[str, list[str]]:
+    """Each item's ``top`` most co-watched items, best first (ties by item id).
+
+    ``split`` counts only events before that split's cut-offs (as the popularity prior does);
+    ``exclude_users`` leaves those users' events out entirely.
+    """
+    import pyarrow as pa
+
+    cur = store.cursor()
+    cur.register("_excluded", pa.table({"user_id": pa.array(sorted(set(exclude_users)), pa.string())}))
+    cut = (
+        """SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
+                  min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
+           FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1"""
+        if split is not None
+        else "SELECT NULL::VARCHAR AS user_id, NULL::TIMESTAMP AS cts, NULL::BIGINT AS cseq WHERE false"
+    )
+    rows = cur.execute(
+        f"""
+        WITH cut AS ({cut}),
+        ranked AS (
+            SELECT e.user_id, e.item_id,
+                   row_number() OVER (PARTITION BY e.user_id ORDER BY max(e.ts) DESC, e.item_id) AS n
+            FROM events e LEFT JOIN cut c USING (user_id)
+            WHERE (c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq))
+              AND e.user_id NOT IN (SELECT user_id FROM _excluded)
+            GROUP BY e.user_id, e.item_id
+        ),
+        seen AS (SELECT user_id, item_id FROM ranked WHERE n <= {MAX_ITEMS_PER_USER}),
+        users AS (SELECT item_id, count(*) AS n FROM seen GROUP BY 1),
+        pairs AS (
+            SELECT a.item_id AS a, b.item_id AS b, count(*) AS c
+            FROM seen a JOIN seen b ON a.user_id = b.user_id AND a.item_id <> b.item_id
+            GROUP BY 1, 2
+        ),
+        scored AS (
+            SELECT p.a, p.b, p.c / sqrt(ua.n * ub.n) AS cos
+            FROM pairs p JOIN users ua ON ua.item_id = p.a JOIN users ub ON ub.item_id = p.b
+            WHERE ub.n >= {MIN_USERS}
+        )
+        SELECT a, list(b ORDER BY cos DESC, b)[1:{int(top)}] FROM scored GROUP BY a
+        """,
+        [split] if split is not None else [],
+    ).fetchall()
+    cur.unregister("_excluded")
+    return dict(rows)
+
+
+def training_folds(user_ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:
+    """Users dealt into ``folds`` groups: a training request of a user in fold f reads co-watch lists counted
+    without fold f, so its own events never make its positive look co-watched with its history."""
+    users = sorted(set(user_ids))
+    random.Random(seed).shuffle(users)
+    return {u: n % folds for n, u in enumerate(users)}
