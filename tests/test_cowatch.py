@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,4 +105,46 @@ def test_engine_reads_split_lists_in_evaluation_and_other_folds_in_training(tmp_
         mates = [u for u, f in folds.items() if f == folds[x.user_id]]
         assert x.user_id in mates
         assert texts == engine.rerank_texts(split, exclude_users=mates)
+    engine.close()
+
+
+def test_a_project_trains_and_evaluates_with_cowatched_texts(tmp_path, tiny_bert_path):
+    project = tmp_path / "project"
+    Engine.init(project)
+    (project / "twostage.toml").write_text(
+        f"""
+[retriever]
+model = "{tiny_bert_path}"
+max_seq_length = 32
+train_batch_size = 8
+eval_requests = 10
+[reranker]
+model = "{tiny_bert_path}"
+item_template = "{{title}}. Watched with: {{cowatched}}"
+cowatched_size = 3
+max_length = 64
+depth = 12
+list_size = 4
+max_train_requests = 20
+eval_requests = 10
+[index]
+depth = 20
+[eval]
+ks = [10]
+bootstrap = 50
+"""
+    )
+    engine = Engine.open(project)
+    engine.load_dataset("movielens", make_movielens(tmp_path / "data", n_users=60))
+    engine.split()
+    engine.train_retriever()
+    engine.build_index()
+    engine.train_reranker()
+    record = json.loads((project / "models" / "reranker" / "training.json").read_text())
+    assert record["train_lists"] > 0 and "fusion_weight" in record
+    pipe = engine.split_pipeline(engine.default_split())
+    assert pipe.rerank_texts == engine.rerank_texts(engine.default_split())
+    assert any("Watched with:" in t for t in pipe.rerank_texts.values())
+    report = engine.evaluate(baselines=False)
+    assert {r.name for r in report.rows} >= {"recall", "rerank"}
     engine.close()

@@ -252,3 +252,32 @@ def test_lora_training_changes_weights_and_saves_a_plain_model(tiny_bert_path, t
     assert not any("lora" in name for name, _ in after.model.named_parameters())
     q_after = after.model.bert.encoder.layer[0].attention.self.query.weight
     assert not torch.allclose(q_before, q_after)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_training_requests_label_the_next_window_of_events(tmp_path, window):
+    from twostage.config import from_dict
+    from twostage.requests import Catalogue
+    from twostage.store import Store
+    from twostage.train.examples import reranker_requests
+
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"{i},Film {i}\n" for i in range(8)))
+    # one user: items 0..5, then 2 again (a re-watch is never a positive); the last two are held out
+    order = [0, 1, 2, 3, 4, 2, 6, 7]
+    (tmp_path / "events.csv").write_text(
+        "user_id,item_id,ts,value\n" + "".join(f"u,{i},{t},{4 + t % 2}\n" for t, i in enumerate(order))
+    )
+    store = Store(tmp_path / "p.duckdb")
+    store.ingest(tmp_path / "items.csv", "items")
+    store.ingest(tmp_path / "events.csv", "events", event="rating")
+    config = from_dict({"reranker": {"label_window": window}})
+    store.split(config.split, config.relevance)
+    catalogue = Catalogue.from_store(store, config.text.item_template)
+    labelled = reranker_requests(store, catalogue, config, split="leave-last-out", max_requests=40, seed=0)
+    assert labelled
+    for x in labelled:
+        t = int(x.request.request_id.split("@")[1])
+        history = {str(i) for i in order[:t]}
+        expected = [str(i) for i in order[:6][t : t + window] if str(i) not in history]
+        assert sorted(x.positives) == sorted(set(expected))
+        assert set(x.positives).isdisjoint(x.request.exclude) and x.user_id == "u"

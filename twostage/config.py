@@ -125,6 +125,10 @@ class RerankerConfig:
     requests whose positive stage 1 retrieved within ``depth``, so the reranker learns to order what it will
     actually see.
 
+    ``label_window`` (recommendation): a training request at event t counts the user's events t … t+window-1
+    as its positives, graded. Next-item labels are one noisy positive per list (ratings within a session come
+    in no meaningful order); a window gives the listwise loss several. Held-out requests are unaffected.
+
     ``item_template`` is the item text the cross-encoder reads (unset: ``[text] item_template``). It may
     use ``{cowatched}``: the titles of the ``cowatched_size`` items most often watched by the same users,
     counted from the event log (see ``twostage.cowatch``). Stage 2 can match them against the user's
@@ -148,6 +152,7 @@ class RerankerConfig:
     learning_rate: float = 2e-5
     warmup_ratio: float = 0.1
     max_train_requests: int = 400
+    label_window: int = 1
     eval_requests: int = 100
     patience: int = 2
     lora: bool = False
@@ -304,8 +309,9 @@ def _validate(config: Config) -> None:
             "{cowatched} depends on the event log: use it in [reranker] item_template (stage 2 only)",
             key="text.item_template",
         )
-    if config.reranker.cowatched_size < 1:
-        raise ConfigError("must be at least 1", key="reranker.cowatched_size")
+    for key in ("cowatched_size", "label_window"):
+        if getattr(config.reranker, key) < 1:
+            raise ConfigError("must be at least 1", key=f"reranker.{key}")
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -336,12 +336,13 @@ class Engine:
 
         with self._lock:
             if self._pipeline is None:
+                reranker = self.reranker()
                 self._pipeline = Pipeline(
                     encoder=self.retriever(),
                     index=self.index(),
                     catalogue=self.catalogue(),
-                    reranker=self.reranker(),
-                    rerank_texts=self.rerank_texts(),
+                    reranker=reranker,
+                    rerank_texts=self.rerank_texts() if reranker is not None else None,
                     fusion_weight=self.fusion_weight(),
                     popularity=self.store.popularity()
                     if self.config.retriever.popularity_weight > 0
@@ -545,7 +546,7 @@ class Engine:
             return pipe
         if pipe.popularity_weight > 0:
             pipe = pipe.with_popularity(self.store.popularity(split))
-        if self._reads_cowatched():
+        if pipe.reranker is not None and self._reads_cowatched():
             pipe = pipe.with_rerank_texts(self.rerank_texts(split))
         return pipe
 
@@ -641,8 +642,7 @@ class Engine:
         from twostage.cowatch import TRAIN_FOLDS, training_folds
 
         if not self._reads_cowatched() or self.store.require_split(split) != "user":
-            texts = self.split_pipeline(split).rerank_texts
-            return [texts] * len(labelled)
+            return [self.rerank_texts(split)] * len(labelled)
         users = [x.user_id for x in labelled]
         folds = training_folds(users, TRAIN_FOLDS, self.config.reranker.seed)
         texts_by_fold = {
@@ -694,7 +694,7 @@ class Engine:
                 f"stage 1 retrieves no training positive within depth {window}; raise reranker.depth"
             )
         val = validation_set(self.store, catalogue, self.config, split=split, max_requests=cfg.eval_requests)
-        val_texts = self.split_pipeline(split).rerank_texts
+        val_texts = self.rerank_texts(split)
         val_lists = (
             make_lists(
                 (

@@ -71,9 +71,10 @@ max_length = 160
 depth = {rerank_depth}
 list_size = 8
 max_train_requests = {rerank_requests}
+label_window = 3
 eval_requests = 610
 train_batch_size = 4
-learning_rate = 3e-5
+learning_rate = 5e-5
 [eval]
 ks = [1, 5, 10, 20, 100]
 bootstrap = 2000

@@ -118,7 +118,8 @@ def reranker_requests(
     """Training requests for the reranker, with graded positives, from the train side of ``split``.
 
     Users: a random point t in each sampled user's training sequence; the context is everything before t,
-    the positive is the item at t with its grade; the history is excluded from candidates, as in serving.
+    the positives are the items at t … t + ``reranker.label_window`` - 1 with their grades; the history is
+    excluded from candidates, as in serving.
     """
     rng = random.Random(seed)
     kind = store.require_split(split)
@@ -144,9 +145,11 @@ def reranker_requests(
                 return out
             t = rng.randrange(1, len(items))
             history = [i for i, _ in items[:t]][::-1]
-            item_id, grade = items[t]
-            request = Request(
-                f"{user}@{t}", user_text(history, catalogue, config.text), frozenset(history), tuple(history)
-            )
-            out.append(LabelledRequest(request, {item_id: grade}, user))
+            seen = frozenset(history)
+            positives: dict[str, float] = {}
+            for item_id, grade in items[t : t + config.reranker.label_window]:
+                if item_id not in seen:
+                    positives[item_id] = max(grade, positives.get(item_id, 0.0))
+            request = Request(f"{user}@{t}", user_text(history, catalogue, config.text), seen, tuple(history))
+            out.append(LabelledRequest(request, positives, user))
     return out
