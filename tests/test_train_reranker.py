@@ -281,3 +281,5 @@ def test_training_requests_label_the_next_window_of_events(tmp_path, window):
         expected = [str(i) for i in order[:6][t : t + window] if str(i) not in history]
         assert sorted(x.positives) == sorted(set(expected))
         assert set(x.positives).isdisjoint(x.request.exclude) and x.user_id == "u"
+        # the history and the user's later training items are never candidates (so never negatives)
+        assert x.request.exclude == {str(i) for i in order[:6]} - set(x.positives)

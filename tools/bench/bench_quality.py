@@ -153,7 +153,7 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
         MOVIELENS_TOML.format(
             pairs=3000 if quick else 6000,
             rerank_depth=20 if quick else 50,
-            rerank_requests=1500 if quick else 4000,
+            rerank_requests=1500 if quick else 3000,
         )
     )
     engine = Engine.open(root)

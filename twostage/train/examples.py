@@ -119,7 +119,7 @@ def reranker_requests(
 
     Users: a random point t in each sampled user's training sequence; the context is everything before t,
     the positives are the items at t … t + ``reranker.label_window`` - 1 with their grades; the history is
-    excluded from candidates, as in serving.
+    excluded from candidates, as in serving, and so are the user's later items (they are not negatives).
     """
     rng = random.Random(seed)
     kind = store.require_split(split)
@@ -150,6 +150,11 @@ def reranker_requests(
             for item_id, grade in items[t : t + config.reranker.label_window]:
                 if item_id not in seen:
                     positives[item_id] = max(grade, positives.get(item_id, 0.0))
-            request = Request(f"{user}@{t}", user_text(history, catalogue, config.text), seen, tuple(history))
+            # The user's later items are not negatives: kept as candidates they would be labelled 0, and
+            # being the items closest to the user's taste, they teach the reranker to push taste down.
+            later = {i for i, _ in items[t:]} - set(positives)
+            request = Request(
+                f"{user}@{t}", user_text(history, catalogue, config.text), seen | later, tuple(history)
+            )
             out.append(LabelledRequest(request, positives, user))
     return out
