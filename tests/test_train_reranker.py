@@ -283,3 +283,20 @@ def test_training_requests_label_the_next_window_of_events(tmp_path, window):
         assert set(x.positives).isdisjoint(x.request.exclude) and x.user_id == "u"
         # the history and the user's later training items are never candidates (so never negatives)
         assert x.request.exclude == {str(i) for i in order[:6]} - set(x.positives)
+
+
+def test_sampled_negatives_come_from_the_whole_depth_and_keep_the_positives():
+    import random
+
+    cands = [(f"c{n}", f"text {n}") for n in range(50)]
+    rng = random.Random(0)
+    drawn = set()
+    for _ in range(20):
+        rl = make_list("q", cands, {"c30": 2.0, "c3": 1.0}, list_size=8, rng=rng)
+        assert len(rl.docs) == 8 and sorted(rl.labels)[-2:] == [1.0, 2.0]
+        drawn |= {d for d, y in zip(rl.docs, rl.labels, strict=True) if y == 0}
+    assert any(int(d.split()[1]) >= 8 for d in drawn)  # top-only would never go past the first 8
+    top = make_list("q", cands, {"c30": 2.0}, list_size=8)
+    assert top.docs[:7] == [f"text {n}" for n in range(7)]
+    lists = make_lists([("q", cands, {"c30": 1.0})] * 2, list_size=8, sample_seed=1)
+    assert lists == make_lists([("q", cands, {"c30": 1.0})] * 2, list_size=8, sample_seed=1)

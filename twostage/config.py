@@ -129,6 +129,11 @@ class RerankerConfig:
     as its positives, graded. Next-item labels are one noisy positive per list (ratings within a session come
     in no meaningful order); a window gives the listwise loss several. Held-out requests are unaffected.
 
+    ``negatives``: a training list's negatives are stage 1's top candidates (``"top"``, hard negatives) or a
+    uniform sample of the top ``depth`` (``"sampled"``). With lists much shorter than ``depth``, top-only
+    negatives teach a shortcut: positives come from further down than their negatives (on ml-latest-small the
+    reranker alone then ranked validation lists below chance).
+
     ``item_template`` is the item text the cross-encoder reads (unset: ``[text] item_template``). It may
     use ``{cowatched}``: the titles of the ``cowatched_size`` items most often watched by the same users,
     counted from the event log (see ``twostage.cowatch``). Stage 2 can match them against the user's
@@ -153,6 +158,7 @@ class RerankerConfig:
     warmup_ratio: float = 0.1
     max_train_requests: int = 400
     label_window: int = 1
+    negatives: str = "top"
     eval_requests: int = 100
     patience: int = 2
     lora: bool = False
@@ -287,6 +293,7 @@ def _validate(config: Config) -> None:
         "split.strategy": (config.split.strategy, ["leave-last-out", "ratio", "given"]),
         "split.by": (config.split.by, ["time", "user"]),
         "reranker.loss": (config.reranker.loss, ["listnet", "lambdaloss", "listmle"]),
+        "reranker.negatives": (config.reranker.negatives, ["top", "sampled"]),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

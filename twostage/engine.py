@@ -688,6 +688,7 @@ class Engine:
                 ),
                 list_size=cfg.list_size,
                 item_texts=texts,
+                sample_seed=cfg.seed if cfg.negatives == "sampled" else None,
             )
         if not train_lists:
             raise NotFoundError(

@@ -72,6 +72,7 @@ depth = {rerank_depth}
 list_size = 8
 max_train_requests = {rerank_requests}
 label_window = 3
+negatives = "sampled"
 eval_requests = 610
 train_batch_size = 4
 learning_rate = 5e-5
@@ -153,7 +154,7 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
         MOVIELENS_TOML.format(
             pairs=3000 if quick else 6000,
             rerank_depth=20 if quick else 50,
-            rerank_requests=1500 if quick else 3000,
+            rerank_requests=1500 if quick else 2000,
         )
     )
     engine = Engine.open(root)

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -75,8 +76,14 @@ def make_list(
     *,
     list_size: int,
     item_texts: Mapping[str, str] | None = None,
+    rng: random.Random | None = None,
 ) -> RerankList:
     """Build one fixed-size list from stage-1 candidates, making sure the positives are in it.
+
+    With ``rng`` the negatives are a uniform sample of all the candidates instead of the top ones: when
+    training lists are shorter than the depth reranked at serving, top-only negatives make every positive
+    from further down look "less like stage 1's top" than its negatives, a shortcut (e.g. "less popular")
+    that ranks the whole depth wrongly.
 
     The list is the first ``list_size`` candidates in stage-1 order. Positives missing from that window take
     the places of the lowest-ranked negatives (highest grade first when there are more positives than slots),
@@ -107,6 +114,11 @@ def make_list(
         if item_id not in seen:
             seen.add(item_id)
             window.append((item_id, text))
+    if rng is not None:
+        negatives = [n for n, (i, _) in enumerate(window) if i not in grades]
+        slots = max(list_size - len(grades), 1)
+        kept = set(rng.sample(negatives, min(slots, len(negatives))))
+        window = [w for n, w in enumerate(window) if n in kept or w[0] in grades]
     window = window[:list_size]
     in_window = {i for i, _ in window}
     missing = sorted((i for i in grades if i not in in_window), key=lambda i: (-grades[i], i))
@@ -140,15 +152,20 @@ def make_lists(
     *,
     list_size: int,
     item_texts: Mapping[str, str] | None = None,
+    sample_seed: int | None = None,
 ) -> list[RerankList]:
     """:func:`make_list` over many ``(request, candidates, positives)``; requests without a positive are
-    skipped (a list with all labels 0 teaches a listwise loss nothing) and counted in a log line."""
+    skipped (a list with all labels 0 teaches a listwise loss nothing) and counted in a log line.
+    ``sample_seed`` samples the negatives (see ``rng`` in :func:`make_list`)."""
+    rng = random.Random(sample_seed) if sample_seed is not None else None
     lists, skipped = [], 0
     for request, candidates, positives in examples:
         if not any(float(g) > 0 for g in positives.values()):
             skipped += 1
             continue
-        lists.append(make_list(request, candidates, positives, list_size=list_size, item_texts=item_texts))
+        lists.append(
+            make_list(request, candidates, positives, list_size=list_size, item_texts=item_texts, rng=rng)
+        )
     if skipped:
         logger.info("make_lists: skipped %d request(s) without a positive", skipped)
     return lists
