@@ -379,6 +379,8 @@ depth = 50                    # candidates per request when training; serving re
 loss = "listnet"              # or "lambdaloss", "listmle"
 # item_template = "{title}. {categories}. Watched with: {cowatched}"   # recommendation: the text stage 2
                               # reads; {cowatched} = titles most often watched by the same users
+# negatives = "sampled"       # training negatives from the whole depth, not only stage 1's top ones
+# label_window = 3            # recommendation: a training user's next 3 events are positives
 
 [eval]
 ks = [1, 5, 10, 100]
