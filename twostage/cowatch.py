@@ -19,6 +19,8 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from twostage.store import USER_CUTOFFS
+
 if TYPE_CHECKING:
     from twostage.store import Store
 
@@ -46,9 +48,7 @@ def co_watched(
     cur = store.cursor()
     cur.register("_excluded", pa.table({"user_id": pa.array(sorted(set(exclude_users)), pa.string())}))
     cut = (
-        """SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
-                  min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
-           FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1"""
+        USER_CUTOFFS
         if split is not None
         else "SELECT NULL::VARCHAR AS user_id, NULL::TIMESTAMP AS cts, NULL::BIGINT AS cseq WHERE false"
     )

@@ -59,6 +59,13 @@ CREATE TABLE IF NOT EXISTS rejects(
     kind VARCHAR, file VARCHAR, "row" BIGINT, "column" VARCHAR, reason VARCHAR, ingested_at TIMESTAMP);
 """
 
+# Each user's earliest held-out (ts, seq) in a split (bind the split name): events before it are train-side.
+USER_CUTOFFS = """
+    SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
+           min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
+    FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1
+"""
+
 
 class Store:
     """One DuckDB database file per project.
@@ -327,10 +334,7 @@ class Store:
         grade_sql, params = grade_expression(relevance)
         return self.con.execute(
             f"""
-            WITH cut AS (
-                SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
-                       min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
-                FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1)
+            WITH cut AS ({USER_CUTOFFS})
             SELECT e.user_id, e.item_id, {grade_sql}, e.ts, e.seq
             FROM events e LEFT JOIN cut c ON c.user_id = e.user_id
             WHERE c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq)
@@ -347,11 +351,8 @@ class Store:
             ).fetchall()
         else:
             rows = self.con.execute(
-                """
-                WITH cut AS (
-                    SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
-                           min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
-                    FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1)
+                f"""
+                WITH cut AS ({USER_CUTOFFS})
                 SELECT e.item_id, count(DISTINCT e.user_id) FROM events e LEFT JOIN cut c USING (user_id)
                 WHERE c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq) GROUP BY 1
                 """,
