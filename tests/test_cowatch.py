@@ -99,12 +99,14 @@ def test_engine_reads_split_lists_in_evaluation_and_other_folds_in_training(tmp_
     assert served != held_out  # serving counts every event, evaluation only those before the cut-offs
 
     labelled = reranker_requests(engine.store, catalogue, engine.config, split=split, max_requests=30, seed=0)
-    per_request = engine._training_texts(labelled, split)
+    groups = engine._training_groups(labelled, split)
+    assert sorted(id(x) for _, group in groups for x in group) == sorted(id(x) for x in labelled)
     folds = training_folds([x.user_id for x in labelled], 5, engine.config.reranker.seed)
-    for x, texts in zip(labelled, per_request, strict=True):
-        mates = [u for u, f in folds.items() if f == folds[x.user_id]]
-        assert x.user_id in mates
-        assert texts == engine.rerank_texts(split, exclude_users=mates)
+    for texts, group in groups:
+        for x in group:
+            mates = [u for u, f in folds.items() if f == folds[x.user_id]]
+            assert x.user_id in mates
+            assert texts == engine.rerank_texts(split, exclude_users=mates)
     engine.close()
 
 

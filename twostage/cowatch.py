@@ -47,14 +47,9 @@ def co_watched(
 
     cur = store.cursor()
     cur.register("_excluded", pa.table({"user_id": pa.array(sorted(set(exclude_users)), pa.string())}))
-    cut = (
-        USER_CUTOFFS
-        if split is not None
-        else "SELECT NULL::VARCHAR AS user_id, NULL::TIMESTAMP AS cts, NULL::BIGINT AS cseq WHERE false"
-    )
     rows = cur.execute(
         f"""
-        WITH cut AS ({cut}),
+        WITH cut AS ({USER_CUTOFFS}),  -- split NULL: no cut-offs, every event counts
         ranked AS (
             SELECT e.user_id, e.item_id,
                    row_number() OVER (PARTITION BY e.user_id ORDER BY max(e.ts) DESC, e.item_id) AS n
@@ -77,7 +72,7 @@ def co_watched(
         )
         SELECT a, list(b ORDER BY cos DESC, b)[1:{int(top)}] FROM scored GROUP BY a
         """,
-        [split] if split is not None else [],
+        [split],
     ).fetchall()
     cur.unregister("_excluded")
     return dict(rows)

@@ -183,20 +183,26 @@ class Engine:
         """
         from twostage.cowatch import co_watched
 
-        catalogue = self.catalogue()
-        if not self._reads_cowatched():
-            return catalogue.texts_with(self._rerank_template())
         exclude = frozenset(exclude_users)
-        with self._lock:
-            if exclude or split not in self._rerank_texts:
-                lists = co_watched(
+        cowatched = self._reads_cowatched()
+        key = split if cowatched else None  # without the field the texts do not depend on the split
+
+        def render() -> dict[str, str]:
+            lists = (
+                co_watched(
                     self.store, top=self.config.reranker.cowatched_size, split=split, exclude_users=exclude
                 )
-                texts = catalogue.texts_with(self._rerank_template(), lists)
-                if exclude:
-                    return texts
-                self._rerank_texts[split] = texts
-            return self._rerank_texts[split]
+                if cowatched
+                else None
+            )
+            return self.catalogue().texts_with(self._rerank_template(), lists)
+
+        if exclude and cowatched:
+            return render()
+        with self._lock:
+            if key not in self._rerank_texts:
+                self._rerank_texts[key] = render()
+            return self._rerank_texts[key]
 
     def retriever(self, *, base: bool = False) -> BiEncoder:
         """The bi-encoder: the project's fine-tuned one when it exists (unless ``base``), else the configured model."""
@@ -635,21 +641,22 @@ class Engine:
         found = self.split_pipeline(split).recall(requests, depth, progress=self.progress)
         return [[(i, texts[i]) for i, _ in cands] for cands in found]
 
-    def _training_texts(self, labelled: list[Any], split: str) -> list[dict[str, str]]:
-        """Stage 2's item texts for each training request. With ``{cowatched}``, users are dealt into
-        folds and a request reads lists counted without its fold's users: its own events would otherwise
-        make its positive look co-watched with its history, a signal no held-out request has."""
+    def _training_groups(self, labelled: list[Any], split: str) -> list[tuple[dict[str, str], list[Any]]]:
+        """The training requests grouped by the stage-2 item texts they read. With ``{cowatched}``, users are
+        dealt into folds and a fold's requests read lists counted without its users: their own events would
+        otherwise make a positive look co-watched with its history, a signal no held-out request has."""
         from twostage.cowatch import TRAIN_FOLDS, training_folds
 
         if not self._reads_cowatched() or self.store.require_split(split) != "user":
-            return [self.rerank_texts(split)] * len(labelled)
-        users = [x.user_id for x in labelled]
-        folds = training_folds(users, TRAIN_FOLDS, self.config.reranker.seed)
-        texts_by_fold = {
-            fold: self.rerank_texts(split, exclude_users=[u for u, f in folds.items() if f == fold])
+            return [(self.rerank_texts(split), labelled)]
+        folds = training_folds([x.user_id for x in labelled], TRAIN_FOLDS, self.config.reranker.seed)
+        return [
+            (
+                self.rerank_texts(split, exclude_users=[u for u, f in folds.items() if f == fold]),
+                [x for x in labelled if folds[x.user_id] == fold],
+            )
             for fold in sorted(set(folds.values()))
-        }
-        return [texts_by_fold[folds[u]] for u in users]
+        ]
 
     def train_reranker(self, *, split: str | None = None) -> Any:
         """Fine-tune the cross-encoder listwise on stage-1 candidate lists (positives ensured in each list);
@@ -673,10 +680,8 @@ class Engine:
         if not labelled:
             raise NotFoundError(f"split '{split}' gives no reranker training requests")
         window = max(cfg.depth, cfg.list_size)
-        per_request = self._training_texts(labelled, split)
         train_lists = []
-        for texts in {id(t): t for t in per_request}.values():
-            group = [x for x, t in zip(labelled, per_request, strict=True) if t is texts]
+        for texts, group in self._training_groups(labelled, split):
             reqs = [x.request for x in group]
             train_lists += make_lists(
                 (

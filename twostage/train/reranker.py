@@ -80,17 +80,17 @@ def make_list(
 ) -> RerankList:
     """Build one fixed-size list from stage-1 candidates, making sure the positives are in it.
 
-    With ``rng`` the negatives are a uniform sample of all the candidates instead of the top ones: when
-    training lists are shorter than the depth reranked at serving, top-only negatives make every positive
-    from further down look "less like stage 1's top" than its negatives, a shortcut (e.g. "less popular")
-    that ranks the whole depth wrongly.
-
     The list is the first ``list_size`` candidates in stage-1 order. Positives missing from that window take
     the places of the lowest-ranked negatives (highest grade first when there are more positives than slots),
     so hard negatives from the top of stage 1 are kept. Shorter candidate lists are not padded:
     sentence-transformers' listwise losses accept ragged lists and mask the padding themselves (ListNet and
     LambdaLoss fill missing labels with -inf, ListMLE uses a mask), while a padded fake doc with label 0 or -1
     would enter the loss as a real negative (ListNet softmaxes labels, so -1 still gets target mass).
+
+    With ``rng`` the negatives are a uniform sample of all the candidates instead of the top ones: when
+    training lists are shorter than the depth reranked at serving, top-only negatives make every positive
+    from further down look "less like stage 1's top" than its negatives, a shortcut (e.g. "less popular")
+    that ranks the whole depth wrongly.
 
     Args:
         request: the request text (query or user context).
