@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_engine import make_movielens
 
 from twostage import Engine
 from twostage.config import RelevanceConfig, SplitConfig, from_dict
-from twostage.cowatch import MIN_USERS, co_watched, training_folds
-from twostage.errors import ConfigError
-from twostage.requests import Catalogue
+from twostage.cowatch import MIN_USERS, co_watched, shared_history, training_folds
+from twostage.engine import COWATCH_GRID, FUSION_GRID
+from twostage.errors import ConfigError, NotFoundError
+from twostage.requests import Catalogue, split_requests
 from twostage.store import Store
 from twostage.train.examples import reranker_requests
 
@@ -71,6 +74,12 @@ def test_catalogue_renders_cowatched_titles_and_drops_an_empty_field():
     texts = catalogue.texts_with("{title}. Watched with: {cowatched}", {"1": ["2"]})
     assert texts == {"1": "Heat. Watched with: Casino", "2": "Casino."}
     assert catalogue.texts_with("{title}") is catalogue.texts
+
+
+def test_shared_history_keeps_history_order():
+    lists = {"x": ["c", "a", "z"]}
+    assert shared_history(["a", "b", "c"], "x", lists) == ["a", "c"]
+    assert shared_history(["a", "b"], "unknown", lists) == []
 
 
 def test_folds_deal_every_user_once():
@@ -147,6 +156,111 @@ bootstrap = 50
     pipe = engine.split_pipeline(engine.default_split())
     assert pipe.rerank_texts == engine.rerank_texts(engine.default_split())
     assert any("Watched with:" in t for t in pipe.rerank_texts.values())
+    assert record["cowatch_weight"] in COWATCH_GRID  # tuned with the fusion weight on validation
+    assert {(w, c) for w, c, _ in record["weight_grid"]} == {
+        (w, c) for w in FUSION_GRID for c in COWATCH_GRID
+    }
     report = engine.evaluate(baselines=False)
     assert {r.name for r in report.rows} >= {"recall", "rerank"}
     engine.close()
+
+
+def _trained_with_cowatch(tmp_path: Path, tiny_bert_path: Path) -> Path:
+    project = tmp_path / "project"
+    Engine.init(project)
+    (project / "twostage.toml").write_text(
+        f"""
+[text]
+history_size = 4
+[retriever]
+model = "{tiny_bert_path}"
+max_seq_length = 32
+train_batch_size = 8
+eval_requests = 10
+[reranker]
+model = "{tiny_bert_path}"
+cowatched_size = 4
+max_length = 48
+depth = 12
+list_size = 4
+max_train_requests = 12
+eval_requests = 8
+[index]
+depth = 20
+"""
+    )
+    engine = Engine.open(project)
+    engine.load_dataset("movielens", make_movielens(tmp_path / "data", n_users=60))
+    engine.split()
+    engine.train_retriever()
+    engine.build_index()
+    engine.train_reranker()
+    engine.close()
+    return project
+
+
+def test_cowatch_scores_reorder_stage_one_without_the_cross_encoder(tmp_path, tiny_bert_path, monkeypatch):
+    project = _trained_with_cowatch(tmp_path, tiny_bert_path)
+    engine = Engine.open(project, overrides={"reranker.fusion_weight": 1.0, "reranker.cowatch_weight": 1.0})
+    split = engine.default_split()
+    pipe = engine.split_pipeline(split)
+    assert pipe.cowatched == co_watched(engine.store, top=4, split=split)  # counted before the cut-offs
+    assert engine.pipeline().cowatched == co_watched(engine.store, top=4)  # serving: every event
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the cross-encoder ran although its weight is 0")
+
+    monkeypatch.setattr(pipe.reranker, "score", forbidden)
+    requests = split_requests(engine.store, engine.catalogue(), engine.config.text, split=split, part="test")
+    stage1 = pipe.recall(requests, 12)
+    reordered = 0
+    for request, cands, hits in zip(requests, stage1, pipe.rerank(requests, stage1, 12), strict=True):
+        counts = np.array([len(shared_history(request.history[:4], i, pipe.cowatched)) for i, _ in cands])
+        expected = _z(np.array([s for _, s in cands])) + _z(counts)
+        assert {h.item_id: h.cowatch for h in hits} == {i: c for (i, _), c in zip(cands, counts, strict=True)}
+        assert [h.score for h in hits] == pytest.approx(sorted(expected, reverse=True))
+        reordered += [h.item_id for h in hits] != [i for i, _ in cands]
+    assert reordered > 0  # the lists overlap the histories often enough to change some orders
+
+    user = requests[0].request_id
+    ranking = engine.recommend(user, k=5, explain=True)
+    assert {h.stage for h in ranking.hits} == {"rerank"} and all(h.rerank_score is None for h in ranking.hits)
+    history = engine.store.histories([user])[user][:4]
+    for hit in ranking.hits:
+        shared = shared_history(history, hit.item_id, engine.pipeline().cowatched)
+        assert [w["item_id"] for w in hit.explanation["watched_with"]] == shared
+    # a query has no history to overlap: stage 1's order, the cross-encoder is not run either
+    assert {h.stage for h in engine.search("comedy film", k=3).hits} == {"recall"}
+    engine.close()
+
+
+def test_tune_only_chooses_the_serving_weights_again(tmp_path, tiny_bert_path):
+    from click.testing import CliRunner
+
+    from twostage.cli import cli
+
+    project = _trained_with_cowatch(tmp_path, tiny_bert_path)
+    record_path = project / "models" / "reranker" / "training.json"
+    record = json.loads(record_path.read_text())
+    record.update(fusion_weight=0.123, cowatch_weight=9.0)
+    record_path.write_text(json.dumps(record))
+    result = CliRunner().invoke(cli, ["-p", str(project), "train", "reranker", "--tune-only", "--json"])
+    assert result.exit_code == 0, result.output
+    tuned = json.loads(result.stdout)
+    again = json.loads(record_path.read_text())
+    assert again["fusion_weight"] == tuned["fusion_weight"] in FUSION_GRID
+    assert again["cowatch_weight"] == tuned["cowatch_weight"] in COWATCH_GRID
+    assert again["train_lists"] == record["train_lists"]  # the training record is kept
+    engine = Engine.open(project)
+    assert (engine.fusion_weight(), engine.cowatch_weight()) == (
+        tuned["fusion_weight"],
+        tuned["cowatch_weight"],
+    )
+    engine.close()
+    shutil.rmtree(project / "models" / "reranker")
+    with pytest.raises(NotFoundError, match="no trained reranker"):
+        Engine.open(project).tune_reranker()
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std() if x.std() > 0 else np.zeros(len(x))

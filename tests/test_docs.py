@@ -195,6 +195,14 @@ def _synthetic_results() -> dict:
             "machine": MACHINE,
             "when": "2026-01-02 04:00:00",
             "eval": {"popularity": {"nDCG@10": 0.0101, "R@100": 0.12}},
+            "reranker_training": {"fusion_weight": 0.0, "cowatch_weight": 1.0, "rerank_depth": 50},
+            "stage2_ablation": {
+                "co-watch, no cross-encoder": {
+                    "fusion_weight": 1.0,
+                    "cowatch_weight": 2.0,
+                    "eval": {"nDCG@10": 0.0456, "R@100": 0.3, "seconds": 9.0},
+                }
+            },
         },
         "ingest_eval": {
             "machine": MACHINE,
@@ -225,6 +233,10 @@ def test_readme_tables_render_quality_and_performance():
     ml_start = lines.index(next(line for line in lines if "MovieLens" in line or "movielens" in line))
     ml_header = next(line for line in lines[ml_start:] if line.startswith("|"))
     assert "R@10 " not in ml_header and "RR@10" not in ml_header and "nDCG@10" in ml_header
+    # stage-2 ablation rows carry their weights; the served weights are stated under the table
+    ablation = next(line for line in lines if "no cross-encoder" in line)
+    assert "w 1.0, c 2.0" in ablation and "**0.0456**" in ablation
+    assert "fusion weight w 0.0, co-watch weight c 1.0, rerank depth 50" in text
     # performance: ingest seconds and the eval ratio against ir_measures
     assert any("100,836" in line and "0.135" in line for line in lines)
     assert any("ir_measures" in line and "1.40" in line and "0.14" in line for line in lines)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from twostage import Engine, Hit, Ranking
+from twostage.engine import shallowest_depth
 from twostage.errors import IndexMismatchError, NotFoundError, TwostageError
 from twostage.requests import Request
 
@@ -87,11 +88,18 @@ def test_rerank_depth_is_the_shallowest_without_validation_loss(trained_project)
     sweep = {int(d): v for d, v in record["depth_sweep"].items()}
     assert sorted(sweep) == [10, 12]  # the grid up to reranker.depth, and the depth itself
     full = sweep[12]
-    assert record["rerank_depth"] == min(d for d, v in sweep.items() if v >= full - 0.005)
+    assert record["rerank_depth"] == min(d for d, v in sweep.items() if v >= full * 0.99)
     assert Engine.open(trained_project).rerank_depth() == record["rerank_depth"]
     overridden = Engine.open(trained_project, overrides={"reranker.serve_depth": 3})
     assert overridden.rerank_depth() == 3
     assert len(overridden.search("comedy film", k=5).hits) == 5  # k wins over a shallower depth
+
+
+def test_the_depth_tolerance_is_relative_to_the_metric():
+    # search-scale nDCG: 0.1% below the full depth is no loss; next-item scale: 4% below is a loss
+    assert shallowest_depth({10: 0.786, 15: 0.7865, 20: 0.787}, 20) == 10
+    assert shallowest_depth({10: 0.0491, 30: 0.0497, 50: 0.0510}, 50) == 50
+    assert shallowest_depth({10: 0.0491, 30: 0.0506, 50: 0.0510}, 50) == 30
 
 
 def test_recommend_excludes_history_and_explains(trained_project):

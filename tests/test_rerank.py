@@ -131,6 +131,27 @@ def test_fused_score_is_weighted_sum_of_zscores():
     assert [h.item_id for h in hits] == ["a", "c", "b"]
 
 
+def test_cowatch_score_is_fused_as_a_zscore_and_stage1_alone_reads_no_rerank_scores():
+    cands = [Candidate("a", "", 3.0, 0), Candidate("b", "", 2.0, 2), Candidate("c", "", 1.0, 1)]
+    z_r = np.array([-(2**-0.5), -(2**-0.5), 2**0.5])  # z([0, 0, 3])
+    z_s = np.array([1.5**0.5, 0.0, -(1.5**0.5)])  # z([3, 2, 1])
+    z_c = np.array([-(1.5**0.5), 1.5**0.5, 0.0])  # z([0, 2, 1])
+    hits = fuse(cands, np.array([0.0, 0.0, 3.0]), k=3, fusion_weight=0.5, cowatch_weight=2.0)
+    expected = dict(zip("abc", 0.5 * z_r + 0.5 * z_s + 2.0 * z_c, strict=True))
+    assert {h.item_id: h.score for h in hits} == pytest.approx(expected, abs=1e-9)
+    assert [h.item_id for h in hits] == ["b", "c", "a"]
+    assert {h.item_id: h.cowatch for h in hits} == {"a": 0.0, "b": 2.0, "c": 1.0}
+    # w = 1: stage 1 and co-watch only; the cross-encoder's scores are not read (NaN when it did not run)
+    alone = fuse(cands, np.full(3, np.nan), k=3, fusion_weight=1.0, cowatch_weight=1.0)
+    assert {h.item_id: h.score for h in alone} == pytest.approx(dict(zip("abc", z_s + z_c, strict=True)))
+    assert [h.item_id for h in alone] == ["b", "a", "c"]
+    # c = 0 is the plain fusion, whatever the co-watch scores
+    plain = fuse(cands, np.array([0.0, 0.0, 3.0]), k=3, fusion_weight=0.5)
+    assert [h.item_id for h in plain] == ["a", "c", "b"]
+    with pytest.raises(ConfigError, match="cowatch_weight"):
+        fuse(cands, np.zeros(3), k=3, cowatch_weight=-1.0)
+
+
 def test_rerank_batch_equals_per_request(reranker):
     requests = [
         (REQUEST, _candidates()),

@@ -267,21 +267,36 @@ def train_retriever(ctx, split_name, epochs, out: Output) -> None:
     "--loss", type=click.Choice(["listnet", "lambdaloss", "listmle"]), help="Override [reranker] loss."
 )
 @click.option("--epochs", type=int, help="Override [reranker] epochs.")
+@click.option(
+    "--tune-only",
+    is_flag=True,
+    help="Keep the trained model; choose its fusion and co-watch weights and rerank depth again on validation.",
+)
 @output_options
 @click.pass_context
-def train_reranker(ctx, split_name, loss, epochs, out: Output) -> None:
+def train_reranker(ctx, split_name, loss, epochs, tune_only, out: Output) -> None:
     """Fine-tune the cross-encoder listwise on stage-1 candidate lists (early stopping on validation NDCG@10).
 
     Example: twostage train reranker --loss listnet
     """
     overrides = {k: v for k, v in {"reranker.loss": loss, "reranker.epochs": epochs}.items() if v}
     engine = _engine(ctx, out, overrides=overrides)
+
+    def serving() -> str:
+        return (
+            f"serving: rerank depth {engine.rerank_depth()}, fusion weight {engine.fusion_weight()}, "
+            f"co-watch weight {engine.cowatch_weight()} (chosen on validation)"
+        )
+
+    if tune_only:
+        tuned = engine.tune_reranker(split=split_name)
+        out.result(tuned, f"Tuned {engine.models_dir('reranker')}; {serving()}")
+        return
     result = engine.train_reranker(split=split_name)
     out.result(
         result,
         f"Saved {result.model_path} (best validation nDCG@10 {result.best_metric:.4f}, {result.steps} steps, "
-        f"{result.seconds:.0f}s); serving: rerank depth {engine.rerank_depth()}, "
-        f"fusion weight {engine.fusion_weight()} (chosen on validation)",
+        f"{result.seconds:.0f}s); {serving()}",
     )
 
 
@@ -361,6 +376,9 @@ def _print_ranking(out: Output, ranking) -> None:
                     click.echo(
                         f"       because: {d['title'][:50]} (score drop {d['score_drop']:+.3f}, similarity {d['similarity']:.2f})"
                     )
+                if h.explanation.get("watched_with"):
+                    titles = "; ".join(w["title"][:40] for w in h.explanation["watched_with"])
+                    click.echo(f"       watched with: {titles}")
                 for t in h.explanation.get("terms", []):
                     if t.get("score_drop") is not None:
                         click.echo(f"       term: {t['term']} (score drop {t['score_drop']:+.3f})")

@@ -138,6 +138,11 @@ class RerankerConfig:
     use ``{cowatched}``: the titles of the ``cowatched_size`` items most often watched by the same users,
     counted from the event log (see ``twostage.cowatch``). Stage 2 can match them against the user's
     recent titles; stage 1's item vectors cannot depend on the logs, so the field is for stage 2 only.
+
+    ``cowatch_weight`` c adds the same lists as a score: ``+ c · z(cowatch)``, where an item's co-watch score
+    is how many of the user's last ``[text] history_size`` items are among its co-watched items. Unset, it is
+    chosen on validation with the fusion weight (recommendation splits; 0 for search). With ``w = 1`` and
+    ``c > 0`` stage 2 reorders stage 1 by co-watch alone and the cross-encoder is not run.
     """
 
     model: str = "default"
@@ -149,6 +154,7 @@ class RerankerConfig:
     depth: int = 50
     serve_depth: int | None = None
     fusion_weight: float | None = None
+    cowatch_weight: float | None = None
     mmr_lambda: float | None = None
     loss: str = "listnet"
     list_size: int = 16
@@ -306,6 +312,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("must be between 0 and 1", key="reranker.mmr_lambda")
     if config.reranker.fusion_weight is not None and not 0.0 <= config.reranker.fusion_weight <= 1.0:
         raise ConfigError("must be between 0 and 1", key="reranker.fusion_weight")
+    if config.reranker.cowatch_weight is not None and not config.reranker.cowatch_weight >= 0.0:
+        raise ConfigError("must be >= 0", key="reranker.cowatch_weight")
     for key, value in (("index.depth", config.index.depth), ("reranker.depth", config.reranker.depth)):
         if value < 1:
             raise ConfigError("must be at least 1", key=key)
@@ -381,6 +389,8 @@ loss = "listnet"              # or "lambdaloss", "listmle"
                               # reads; {cowatched} = titles most often watched by the same users
 # negatives = "sampled"       # training negatives from the whole depth, not only stage 1's top ones
 # label_window = 3            # recommendation: a training user's next 3 events are positives
+# cowatch_weight = 0.5        # recommendation: weight of "how many recent items are co-watched with it";
+                              # unset, chosen on validation with fusion_weight when the reranker is trained
 
 [eval]
 ks = [1, 5, 10, 100]

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 STORE_FILE = "twostage.duckdb"
 DEPTH_GRID = (10, 15, 20, 30, 50, 75, 100, 150, 200)  # rerank depths tried on validation
-DEPTH_TOLERANCE = 0.005  # nDCG@10 a shallower rerank may lose and still count as "no loss"
+DEPTH_TOLERANCE = 0.01  # share of nDCG@10 a shallower rerank may lose and still count as "no loss"
+FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # stage-1 weights tried on validation
+COWATCH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # co-watch weights tried on validation (recommendation)
 
 
 class Engine:
@@ -55,6 +57,7 @@ class Engine:
         self._pipeline: Pipeline | None = None
         self._reranker_record: dict[str, Any] | None = None
         self._rerank_texts: dict[str | None, dict[str, str]] = {}
+        self._cowatch_lists: dict[str | None, dict[str, list[str]]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -128,6 +131,7 @@ class Engine:
             self._catalogue = None
             self._pipeline = None
             self._rerank_texts.clear()
+            self._cowatch_lists.clear()
 
     def split(self, strategy: str | None = None, *, name: str | None = None) -> dict[str, int]:
         """Make the train/valid/test split (config ``[split]``, or ``strategy`` to override it)."""
@@ -175,26 +179,38 @@ class Engine:
 
         return FIELD in template_fields(self._rerank_template())
 
+    def cowatch_lists(
+        self, split: str | None = None, *, exclude_users: Iterable[str] = ()
+    ) -> dict[str, list[str]]:
+        """Each item's ``[reranker] cowatched_size`` most co-watched items, counted from the events before
+        ``split``'s cut-offs (all events when None), leaving out ``exclude_users`` (training folds; not cached)."""
+        from twostage.cowatch import co_watched
+
+        exclude = frozenset(exclude_users)
+
+        def count() -> dict[str, list[str]]:
+            top = self.config.reranker.cowatched_size
+            return co_watched(self.store, top=top, split=split, exclude_users=exclude)
+
+        if exclude:
+            return count()
+        with self._lock:
+            if split not in self._cowatch_lists:
+                self._cowatch_lists[split] = count()
+            return self._cowatch_lists[split]
+
     def rerank_texts(self, split: str | None = None, *, exclude_users: Iterable[str] = ()) -> dict[str, str]:
         """The item texts stage 2 reads (``[reranker] item_template``).
 
-        With ``{cowatched}`` the lists are counted from the events before ``split``'s cut-offs (all events
-        when None), leaving out ``exclude_users`` (training folds; not cached).
+        With ``{cowatched}`` the lists are those of :meth:`cowatch_lists` for ``split`` and ``exclude_users``
+        (training folds; not cached).
         """
-        from twostage.cowatch import co_watched
-
         exclude = frozenset(exclude_users)
         cowatched = self._reads_cowatched()
         key = split if cowatched else None  # without the field the texts do not depend on the split
 
         def render() -> dict[str, str]:
-            lists = (
-                co_watched(
-                    self.store, top=self.config.reranker.cowatched_size, split=split, exclude_users=exclude
-                )
-                if cowatched
-                else None
-            )
+            lists = self.cowatch_lists(split, exclude_users=exclude) if cowatched else None
             return self.catalogue().texts_with(self._rerank_template(), lists)
 
         if exclude and cowatched:
@@ -343,6 +359,7 @@ class Engine:
         with self._lock:
             if self._pipeline is None:
                 reranker = self.reranker()
+                cowatch_weight = self.cowatch_weight() if reranker is not None else 0.0
                 self._pipeline = Pipeline(
                     encoder=self.retriever(),
                     index=self.index(),
@@ -350,6 +367,9 @@ class Engine:
                     reranker=reranker,
                     rerank_texts=self.rerank_texts() if reranker is not None else None,
                     fusion_weight=self.fusion_weight(),
+                    cowatched=self.cowatch_lists() if cowatch_weight > 0 else None,
+                    cowatch_weight=cowatch_weight,
+                    history_size=self.config.text.history_size,
                     popularity=self.store.popularity()
                     if self.config.retriever.popularity_weight > 0
                     else None,
@@ -408,12 +428,13 @@ class Engine:
         depth = max(self.config.index.depth, k)
         candidates = pipe.recall([request], depth)[0]
         recall_scores = dict(candidates)
-        # fusion weight 1 = stage-1 order: the reranker cannot change it, so it is not run (nor explained)
-        use_rerank = stage == "rerank" and pipe.runs_reranker
-        if use_rerank:
+        # stage 2 runs when it can change the order; the cross-encoder only when its weight is above 0
+        use_stage2 = stage == "rerank" and pipe.reorders(request)
+        use_rerank = use_stage2 and pipe.runs_reranker
+        if use_stage2:
             rerank_depth = max(self.rerank_depth(), k)
             reranked = pipe.rerank([request], [candidates], rerank_depth)[0]
-            ordered = [(h.item_id, h.score, h.rerank_score) for h in reranked]
+            ordered = [(h.item_id, h.score, h.rerank_score if use_rerank else None) for h in reranked]
         else:
             ordered = [(i, s, None) for i, s in candidates]
         if diversify is not None and diversify < 1.0 and len(ordered) > k:
@@ -425,7 +446,7 @@ class Engine:
                 item_id=i,
                 score=float(s),
                 rank=n,
-                stage="rerank" if use_rerank else "recall",
+                stage="rerank" if use_stage2 else "recall",
                 title=catalogue.title(i),
                 recall_score=float(recall_scores.get(i, float("nan"))),
                 rerank_score=None if r is None else float(r),
@@ -535,6 +556,12 @@ class Engine:
             return self.config.reranker.fusion_weight
         return float(self._tuned("fusion_weight") or 0.0)
 
+    def cowatch_weight(self) -> float:
+        """The configured co-watch weight, else the one tuned when the project's reranker was trained, else 0."""
+        if self.config.reranker.cowatch_weight is not None:
+            return self.config.reranker.cowatch_weight
+        return float(self._tuned("cowatch_weight") or 0.0)
+
     def rerank_depth(self) -> int:
         """How many stage-1 candidates to rerank: ``reranker.serve_depth``, else the depth tuned at training
         (the smallest with no validation nDCG@10 loss), else ``reranker.depth``."""
@@ -554,6 +581,8 @@ class Engine:
             pipe = pipe.with_popularity(self.store.popularity(split))
         if pipe.reranker is not None and self._reads_cowatched():
             pipe = pipe.with_rerank_texts(self.rerank_texts(split))
+        if pipe.reranker is not None and pipe.cowatch_weight > 0:
+            pipe = pipe.with_cowatched(self.cowatch_lists(split))
         return pipe
 
     def tune_popularity_weight(
@@ -593,11 +622,11 @@ class Engine:
         return {"best": best, f"valid_recall@{k}": sweep}
 
     def _tune_serving(self, model_dir: Path, val: Any, split: str) -> dict[str, Any]:
-        """Choose the fusion weight, then the rerank depth, on the validation requests (nDCG@10).
+        """Choose the fusion and co-watch weights, then the rerank depth, on the validation requests (nDCG@10).
 
-        The candidates are scored once at ``reranker.depth``; each (weight, depth) setting only re-fuses
-        them. The depth is the smallest whose nDCG@10 is within ``DEPTH_TOLERANCE`` of the full depth's:
-        deeper reranking would cost time and buy nothing measurable.
+        The candidates are scored once at ``reranker.depth``; each (weights, depth) setting only re-fuses
+        them. Co-watch weights are tried on recommendation splits (queries have no history to overlap). The
+        depth is :func:`shallowest_depth` of the sweep.
         """
         import numpy as np
 
@@ -607,33 +636,79 @@ class Engine:
 
         cfg = self.config.reranker
         reranker = Reranker(str(model_dir), max_length=cfg.max_length, batch_size=cfg.batch_size)
+        recommending = self.store.require_split(split) == "user"
         pipe = self.split_pipeline(split)
+        if recommending:
+            pipe = pipe.with_cowatched(self.cowatch_lists(split))
         stage1 = pipe.recall(val.requests, cfg.depth)
-        lists = [[Candidate(i, pipe.rerank_text(i), s) for i, s in cands] for cands in stage1]
+        lists = [
+            [Candidate(i, pipe.rerank_text(i), s, len(pipe.watched_with(r, i))) for i, s in cands]
+            for r, cands in zip(val.requests, stage1, strict=True)
+        ]
         scores = reranker.score(
             [(r.text, c.text) for r, cands in zip(val.requests, lists, strict=True) for c in cands]
         )
         starts = np.cumsum([0] + [len(c) for c in lists])
         judged = [val.relevant[r.request_id] for r in val.requests]
 
-        def ndcg10(weight: float, depth: int) -> float:
+        def ndcg10(weight: float, cowatch: float, depth: int) -> float:
             heads = [
-                fuse(head, scores[start : start + len(head)], k=depth, fusion_weight=weight)
+                fuse(
+                    head,
+                    scores[start : start + len(head)],
+                    k=depth,
+                    fusion_weight=weight,
+                    cowatch_weight=cowatch,
+                )
                 for start, head in zip(starts[:-1], (cands[:depth] for cands in lists), strict=True)
             ]
             final = with_reranked_head(stage1, heads)
             return mean_metric([[i for i, _ in hits] for hits in final], judged, "ndcg", 10)
 
-        weights = {w: ndcg10(w, cfg.depth) for w in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)}
-        best = max(weights, key=lambda w: (weights[w], -w))
-        depths = {d: ndcg10(best, d) for d in sorted({*DEPTH_GRID, cfg.depth}) if d <= cfg.depth}
-        chosen = min(d for d, v in depths.items() if v >= depths[cfg.depth] - DEPTH_TOLERANCE)
+        grid = {
+            (w, c): ndcg10(w, c, cfg.depth)
+            for w in FUSION_GRID
+            for c in (COWATCH_GRID if recommending else (0.0,))
+        }
+        # ties go to more cross-encoder (smaller w) and less co-watch
+        best_w, best_c = max(grid, key=lambda wc: (grid[wc], -wc[0], -wc[1]))
+        depths = {d: ndcg10(best_w, best_c, d) for d in sorted({*DEPTH_GRID, cfg.depth}) if d <= cfg.depth}
+        chosen = shallowest_depth(depths, cfg.depth)
         return {
-            "fusion_weight": best,
-            "fusion_sweep": weights,
+            "fusion_weight": best_w,
+            "cowatch_weight": best_c,
+            "weight_grid": [[w, c, v] for (w, c), v in grid.items()],
+            "fusion_sweep": {w: v for (w, c), v in grid.items() if c == best_c},
+            "cowatch_sweep": {c: v for (w, c), v in grid.items() if w == best_w},
             "rerank_depth": chosen,
             "depth_sweep": depths,
         }
+
+    def tune_reranker(self, *, split: str | None = None) -> dict[str, Any]:
+        """Choose the serving settings of the project's trained reranker again (fusion and co-watch weights,
+        rerank depth) on the split's validation requests, without retraining; saved in its ``training.json``.
+
+        For when the logs have grown (co-watch lists change) or another split is used.
+        """
+        from twostage.train.examples import validation_set
+
+        split = split or self.default_split()
+        model_dir = self.models_dir("reranker")
+        record = model_dir / "training.json"
+        if not record.exists():
+            raise NotFoundError(f"no trained reranker at {model_dir}; run 'twostage train reranker' first")
+        cfg = self.config.reranker
+        val = validation_set(
+            self.store, self.catalogue(), self.config, split=split, max_requests=cfg.eval_requests
+        )
+        if not val.requests:
+            raise NotFoundError(f"split '{split}' has no validation requests to tune on")
+        tuned = self._tune_serving(model_dir, val, split)
+        record.write_text(json.dumps({**json.loads(record.read_text()), **tuned}, indent=2))
+        with self._lock:
+            self._reranker_record = None
+            self._pipeline = None
+        return tuned
 
     def _candidate_lists(
         self, requests: list[Request], depth: int, split: str, texts: Mapping[str, str]
@@ -780,6 +855,14 @@ class Engine:
             report=report,
             pipeline=pipeline,
         )
+
+
+def shallowest_depth(ndcg_by_depth: Mapping[int, float], full: int) -> int:
+    """The smallest rerank depth whose nDCG@10 is within ``DEPTH_TOLERANCE`` (relative) of reranking ``full``
+    candidates: deeper reranking would cost time and buy nothing measurable. Relative, because nDCG@10 is
+    0.7 on a search benchmark and 0.04 on next-item recommendation."""
+    floor = ndcg_by_depth[full] * (1.0 - DEPTH_TOLERANCE)
+    return min(d for d, v in ndcg_by_depth.items() if v >= floor)
 
 
 def _validation_corpus(

@@ -3,6 +3,8 @@
 Recommendations: leave-one-out on the user context. Each history item in the context is removed in turn
 and the pair (edited context, item) is scored again; the drop in score is that history item's share. The
 bi-encoder similarity between the history item and the recommended item, and shared categories, are added.
+When stage 2 fuses co-watch scores, the history items the recommended item is co-watched with are listed
+too (they are exactly that score).
 Search hits: the same with query terms instead of history items.
 """
 
@@ -46,7 +48,8 @@ def explain_hits(
 def _explain_recommendation(engine, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
     config = engine.config.text
     catalogue = engine.catalogue()
-    index = engine.pipeline().index
+    pipe = engine.pipeline()
+    index = pipe.index
     context = [h for h in request.history[: config.history_size] if h in catalogue and h in index]
     variants = [user_text([h for h in context if h != drop], catalogue, config) for drop in context]
     scores = _scores(engine, [request.text, *variants], item_ids, use_rerank)
@@ -73,6 +76,10 @@ def _explain_recommendation(engine, request, item_ids, use_rerank, top, method) 
                 for j in order
             ],
         }
+        if pipe.cowatch_weight > 0:
+            out[item_id]["watched_with"] = [
+                {"item_id": h, "title": catalogue.title(h)} for h in pipe.watched_with(request, item_id)
+            ]
     return out
 
 

@@ -53,6 +53,9 @@ class Pipeline:
         reranker: Reranker | None = None,
         rerank_texts: Mapping[str, str] | None = None,
         fusion_weight: float = 0.0,
+        cowatched: Mapping[str, Sequence[str]] | None = None,
+        cowatch_weight: float = 0.0,
+        history_size: int = 5,
         popularity: Mapping[str, float] | None = None,
         popularity_weight: float = 0.0,
     ):
@@ -62,6 +65,9 @@ class Pipeline:
         self.reranker = reranker
         self.rerank_texts = rerank_texts if rerank_texts is not None else catalogue.texts
         self.fusion_weight = fusion_weight
+        self.cowatched = cowatched or {}
+        self.cowatch_weight = cowatch_weight
+        self.history_size = history_size
         self.popularity = popularity or {}
         self.popularity_weight = popularity_weight
         self._encode_lock = model_lock(encoder)
@@ -81,8 +87,21 @@ class Pipeline:
 
     @property
     def runs_reranker(self) -> bool:
-        """True when stage 2 can change the order: a reranker is loaded and the fusion weight is below 1."""
+        """True when the cross-encoder can change the order: it is loaded and the fusion weight is below 1."""
         return self.reranker is not None and self.fusion_weight < 1.0
+
+    def reorders(self, request: Request) -> bool:
+        """True when stage 2 can change stage 1's order for this request: the cross-encoder runs, or co-watch
+        scores are fused and the request has a history to overlap."""
+        if self.reranker is None:
+            return False
+        return self.runs_reranker or (self.cowatch_weight > 0.0 and bool(self.cowatched and request.history))
+
+    def watched_with(self, request: Request, item_id: str) -> list[str]:
+        """The request's recent history items that are co-watched with ``item_id`` (its co-watch score)."""
+        from twostage.cowatch import shared_history
+
+        return shared_history(request.history[: self.history_size], item_id, self.cowatched)
 
     def rerank_text(self, item_id: str) -> str:
         """The text stage 2 reads for an item (``[reranker] item_template``)."""
@@ -92,6 +111,23 @@ class Pipeline:
         """The same models reading other item texts in stage 2 (e.g. co-watch lists counted before a cut-off)."""
         other = copy.copy(self)
         other.rerank_texts = texts
+        return other
+
+    def with_weights(
+        self, *, fusion_weight: float | None = None, cowatch_weight: float | None = None
+    ) -> Pipeline:
+        """The same models with other stage-2 weights (to compare settings on the same candidates)."""
+        other = copy.copy(self)
+        if fusion_weight is not None:
+            other.fusion_weight = fusion_weight
+        if cowatch_weight is not None:
+            other.cowatch_weight = cowatch_weight
+        return other
+
+    def with_cowatched(self, lists: Mapping[str, Sequence[str]]) -> Pipeline:
+        """The same models and weights with other co-watch lists (e.g. counted before a split's cut-offs)."""
+        other = copy.copy(self)
+        other.cowatched = lists
         return other
 
     def with_popularity(self, popularity: Mapping[str, float], weight: float | None = None) -> Pipeline:
@@ -140,21 +176,25 @@ class Pipeline:
         """Rerank the top ``depth`` candidates of each request (all of them come back, reordered).
 
         ``texts`` overrides the request texts (explanations rescore edited contexts this way). With fusion
-        weight 1 the cross-encoder cannot change the order, so it is not run: the hits keep stage-1 order and
-        their ``rerank_score`` is NaN.
+        weight 1 the cross-encoder cannot change the order, so it is not run: the hits keep stage-1 order
+        (reordered by co-watch scores when their weight is above 0) and their ``rerank_score`` is NaN.
         """
         if self.reranker is None:
             raise ValueError("this pipeline has no reranker")
         batch = []
         for n, (request, cands) in enumerate(zip(requests, candidates, strict=True)):
-            top = [Candidate(i, self.rerank_text(i), s) for i, s in cands[:depth]]
+            top = [
+                Candidate(
+                    i, self.rerank_text(i), s, len(self.watched_with(request, i)) if self.cowatched else 0
+                )
+                for i, s in cands[:depth]
+            ]
             batch.append((texts[n] if texts is not None else request.text, top))
+        weights = {"fusion_weight": self.fusion_weight, "cowatch_weight": self.cowatch_weight}
         if not self.runs_reranker:
-            return [fuse(top, np.full(len(top), np.nan), k=depth, fusion_weight=1.0) for _, top in batch]
+            return [fuse(top, np.full(len(top), np.nan), k=depth, **weights) for _, top in batch]
         with self._rerank_lock:
-            return self.reranker.rerank_batch(
-                batch, k=depth, fusion_weight=self.fusion_weight, progress=progress
-            )
+            return self.reranker.rerank_batch(batch, k=depth, progress=progress, **weights)
 
     def run(
         self, requests: Sequence[Request], *, depth: int, rerank_depth: int | None, progress: bool = False

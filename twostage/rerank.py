@@ -1,4 +1,5 @@
-"""Stage 2: score (request, candidate) pairs with a cross-encoder, fuse with stage 1, diversify with MMR.
+"""Stage 2: score (request, candidate) pairs with a cross-encoder, fuse with stage 1 (and co-watch), diversify
+with MMR.
 
 Inference only; training lives in ``twostage.train.reranker``. Scores are always the model's raw logits
 (identity activation): models trained with a listwise loss are trained on logits, and a sigmoid would only
@@ -28,11 +29,13 @@ TIE_DECIMALS = 5  # fused scores equal to this many decimals are ties (see fuse)
 
 @dataclass(frozen=True)
 class Candidate:
-    """One stage-1 result handed to the reranker: the item's id, its text and its stage-1 score."""
+    """One stage-1 result handed to the reranker: the item's id, its text, its stage-1 score and its co-watch
+    score (how many of the user's recent items are watched with it; 0 for queries)."""
 
     item_id: str
     text: str
     stage1_score: float
+    cowatch: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,8 @@ class RerankedHit:
     """One reranked result.
 
     ``score`` is the sort key (see :meth:`Reranker.rerank` for how it is fused); ``rerank_score`` is the raw
-    cross-encoder logit and ``stage1_score``/``stage1_rank`` (1-based; equal stage-1 scores share a rank) are
-    kept for explanations.
+    cross-encoder logit and ``stage1_score``/``stage1_rank`` (1-based; equal stage-1 scores share a rank) and
+    ``cowatch`` are kept for explanations.
     """
 
     item_id: str
@@ -50,6 +53,7 @@ class RerankedHit:
     rerank_score: float
     stage1_score: float
     stage1_rank: int
+    cowatch: float = 0.0
 
 
 def _has_score_head(path: str) -> bool:
@@ -132,34 +136,44 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x) if std == 0.0 or not np.isfinite(std) else (x - x.mean()) / std
 
 
-def _check_k_weight(k: int, fusion_weight: float) -> None:
+def _check_weights(k: int, fusion_weight: float, cowatch_weight: float) -> None:
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}", key="k")
     if not 0.0 <= fusion_weight <= 1.0:
         raise ConfigError(f"must be between 0 and 1, got {fusion_weight}", key="reranker.fusion_weight")
+    if not cowatch_weight >= 0.0:
+        raise ConfigError(f"must be >= 0, got {cowatch_weight}", key="reranker.cowatch_weight")
 
 
 def fuse(
-    candidates: Sequence[Candidate], rerank_scores: np.ndarray, *, k: int, fusion_weight: float = 0.0
+    candidates: Sequence[Candidate],
+    rerank_scores: np.ndarray,
+    *,
+    k: int,
+    fusion_weight: float = 0.0,
+    cowatch_weight: float = 0.0,
 ) -> list[RerankedHit]:
     """Order one request's candidates by fused score and keep the top ``k``.
 
-    Fusion: ``score = (1 - w) * z(rerank) + w * z(stage1)`` with ``z`` the z-score inside this candidate
-    list (scales of logits and cosine/BM25 scores differ, z-scores make them addable). The two ends are kept
-    in their own units: ``w = 0`` gives the raw cross-encoder logit, ``w = 1`` the raw stage-1 score (z-scoring
-    is monotone, so the order is the same either way). Scores equal to ``TIE_DECIMALS`` decimals are ties
-    (float32 batch noise is far below that); ties break by stage-1 rank, then ``item_id``.
+    Fusion: ``score = (1 - w) * z(rerank) + w * z(stage1) + c * z(cowatch)`` with ``z`` the z-score inside
+    this candidate list (scales of logits, cosine/BM25 scores and counts differ, z-scores make them addable).
+    With ``c = 0`` the two ends are kept in their own units: ``w = 0`` gives the raw cross-encoder logit,
+    ``w = 1`` the raw stage-1 score (z-scoring is monotone, so the order is the same either way). With
+    ``w = 1`` the rerank scores are not read (they may be NaN: the cross-encoder need not run). Scores equal
+    to ``TIE_DECIMALS`` decimals are ties (float32 batch noise is far below that); ties break by stage-1 rank,
+    then ``item_id``.
 
     Args:
         candidates: stage-1 candidates, in any order; stage-1 rank is ``1 + #(higher stage1_score)``.
         rerank_scores: one cross-encoder score per candidate.
         k: number of hits to return.
         fusion_weight: ``w`` in [0, 1].
+        cowatch_weight: ``c`` >= 0, the weight of the candidates' co-watch scores.
 
     Returns:
         Up to ``k`` hits, best first, with 1-based ranks.
     """
-    _check_k_weight(k, fusion_weight)
+    _check_weights(k, fusion_weight, cowatch_weight)
     n = len(candidates)
     rerank = np.asarray(rerank_scores, dtype=np.float64).reshape(-1)
     if rerank.shape[0] != n:
@@ -174,7 +188,12 @@ def fuse(
     # Competition ranking ("1224"): equal stage-1 scores share a rank, so item_id settles them and the
     # result does not depend on the order the candidates came in.
     stage1_rank = 1 + np.searchsorted(np.sort(-stage1), -stage1, side="left")
-    if fusion_weight == 0.0:
+    cowatch = np.array([float(c.cowatch) for c in candidates], dtype=np.float64)
+    if cowatch_weight > 0.0:
+        fused = fusion_weight * _zscore(stage1) + cowatch_weight * _zscore(cowatch)
+        if fusion_weight < 1.0:
+            fused += (1.0 - fusion_weight) * _zscore(rerank)
+    elif fusion_weight == 0.0:
         fused = rerank
     elif fusion_weight == 1.0:
         fused = stage1
@@ -192,6 +211,7 @@ def fuse(
             rerank_score=float(rerank[i]),
             stage1_score=float(stage1[i]),
             stage1_rank=int(stage1_rank[i]),
+            cowatch=float(cowatch[i]),
         )
         for r, i in enumerate(order, start=1)
     ]
@@ -263,7 +283,13 @@ class Reranker:
         return np.ascontiguousarray(np.asarray(scores, dtype=np.float32).reshape(-1))
 
     def rerank(
-        self, request_text: str, candidates: Sequence[Candidate], *, k: int, fusion_weight: float = 0.0
+        self,
+        request_text: str,
+        candidates: Sequence[Candidate],
+        *,
+        k: int,
+        fusion_weight: float = 0.0,
+        cowatch_weight: float = 0.0,
     ) -> list[RerankedHit]:
         """Rerank one request's candidates and return the top ``k`` (fusion as in :func:`fuse`).
 
@@ -272,8 +298,11 @@ class Reranker:
             candidates: stage-1 candidates.
             k: number of hits to return.
             fusion_weight: weight of the stage-1 score in [0, 1]; 0 = pure reranker, 1 = stage-1 order.
+            cowatch_weight: weight of the candidates' co-watch scores (0 = not used).
         """
-        return self.rerank_batch([(request_text, candidates)], k=k, fusion_weight=fusion_weight)[0]
+        return self.rerank_batch(
+            [(request_text, candidates)], k=k, fusion_weight=fusion_weight, cowatch_weight=cowatch_weight
+        )[0]
 
     def rerank_batch(
         self,
@@ -281,6 +310,7 @@ class Reranker:
         *,
         k: int,
         fusion_weight: float = 0.0,
+        cowatch_weight: float = 0.0,
         progress: bool = False,
     ) -> list[list[RerankedHit]]:
         """Rerank many requests, scoring all their pairs in one batched pass (throughput for evaluation).
@@ -289,17 +319,19 @@ class Reranker:
             requests: (request text, candidates) per request.
             k: hits per request.
             fusion_weight: as in :meth:`rerank`.
+            cowatch_weight: as in :meth:`rerank`.
             progress: show a tqdm bar over scoring batches.
 
         Returns:
             One hit list per request, in input order.
         """
-        _check_k_weight(k, fusion_weight)
+        _check_weights(k, fusion_weight, cowatch_weight)
         pairs = [(text, c.text) for text, cands in requests for c in cands]
         scores = self.score(pairs, progress=progress)
         out, start = [], 0
         for _, cands in requests:
-            out.append(fuse(cands, scores[start : start + len(cands)], k=k, fusion_weight=fusion_weight))
+            head = scores[start : start + len(cands)]
+            out.append(fuse(cands, head, k=k, fusion_weight=fusion_weight, cowatch_weight=cowatch_weight))
             start += len(cands)
         return out
 

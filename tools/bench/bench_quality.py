@@ -128,7 +128,7 @@ def scifact(quick: bool, root: Path) -> dict[str, Any]:
         times, "eval_untrained_reranker", lambda: engine.evaluate(baselines=False, pipeline=untrained)
     )
     # 4. listwise-trained reranker
-    rr = timed(times, "train_reranker", engine.train_reranker)
+    timed(times, "train_reranker", engine.train_reranker)
     full = timed(times, "eval_full", lambda: engine.evaluate())
     return {
         "dataset": "BEIR SciFact test (300 queries)",
@@ -140,7 +140,7 @@ def scifact(quick: bool, root: Path) -> dict[str, Any]:
             "metrics": dict(trained.metrics),
             "steps": trained.steps,
         },
-        "reranker_training": {"best": rr.best_metric, "metrics": dict(rr.metrics), "steps": rr.steps},
+        "reranker_training": reranker_record(engine),
         "comparisons": full.comparisons,
         "stage_seconds": times,
         "config": engine.config.to_dict(),
@@ -165,8 +165,9 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
     prior = timed(times, "tune_prior", engine.tune_popularity_weight)
     print(f"  popularity prior on valid: {prior}")
     engine = Engine.open(root, overrides={"retriever.popularity_weight": prior["best"]})
-    rr = timed(times, "train_reranker", engine.train_reranker)
+    timed(times, "train_reranker", engine.train_reranker)
     report = timed(times, "evaluate", lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7, 0.5)))
+    ablation = timed(times, "ablation", lambda: stage2_ablation(engine))
     return {
         "dataset": "ml-latest-small leave-last-out (610 users, full ranking over unseen items)",
         "eval": rows(report),
@@ -177,15 +178,54 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
             "metrics": dict(trained.metrics),
             "steps": trained.steps,
         },
-        "reranker_training": {"best": rr.best_metric, "metrics": dict(rr.metrics), "steps": rr.steps},
+        "reranker_training": reranker_record(engine),
+        "stage2_ablation": ablation,
         "comparisons": report.comparisons,
         "stage_seconds": times,
         "config": engine.config.to_dict(),
     }
 
 
-def rerank_only(dataset: str, root: Path) -> dict[str, Any]:
-    """Retrain and re-evaluate stage 2 on an existing bench project; stage-1 results are kept from its JSON."""
+def reranker_record(engine: Engine) -> dict[str, Any]:
+    """What training and validation tuning saved with the project's reranker."""
+    import json
+
+    record = json.loads((engine.models_dir("reranker") / "training.json").read_text())
+    keep = ("metrics", "steps", "train_lists", "seconds", "fusion_weight", "cowatch_weight", "rerank_depth")
+    return {"best": record["best_metric"], **{k: record.get(k) for k in keep}, "tuning": record}
+
+
+def stage2_ablation(engine: Engine) -> dict[str, Any]:
+    """The full pipeline without each of its stage-2 signals, on the same test users (recommendation).
+
+    Each variant keeps the best weight validation found for the remaining signal (from the tuning grid):
+    the cross-encoder without co-watch scores, and co-watch scores fused with stage 1 without the
+    cross-encoder (which then is not run).
+    """
+    grid = {(w, c): v for w, c, v in reranker_record(engine)["tuning"]["weight_grid"]}
+    best_w = max((w for w, c in grid if c == 0.0), key=lambda w: (grid[(w, 0.0)], -w))
+    best_c = max((c for w, c in grid if w == 1.0), key=lambda c: (grid[(1.0, c)], -c))
+    out = {}
+    for name, (w, c) in {
+        "cross-encoder, no co-watch": (best_w, 0.0),
+        "co-watch, no cross-encoder": (1.0, best_c),
+    }.items():
+        pipe = engine.pipeline().with_weights(fusion_weight=w, cowatch_weight=c)
+        report = engine.evaluate(baselines=False, pipeline=pipe)
+        out[name] = {
+            "fusion_weight": w,
+            "cowatch_weight": c,
+            "valid_ndcg@10": grid[(w, c)],
+            "eval": rows(report)["rerank"],
+            "comparisons": [x for x in report.comparisons if x["metric"] in ("nDCG@10", "R@10")],
+        }
+        print(f"  {name}: nDCG@10 {out[name]['eval']['nDCG@10']:.4f}", flush=True)
+    return out
+
+
+def rerank_only(dataset: str, root: Path, retune: bool) -> dict[str, Any]:
+    """Retrain (or, with ``retune``, only re-tune) and re-evaluate stage 2 on an existing bench project;
+    stage-1 results are kept from its JSON."""
     import json
 
     from common import RESULTS
@@ -196,7 +236,10 @@ def rerank_only(dataset: str, root: Path) -> dict[str, Any]:
     prior = previous.get("popularity_prior")
     overrides = {"retriever.popularity_weight": prior["best"]} if prior else None
     engine = Engine.open(root, overrides=overrides)
-    rr = timed(times, "train_reranker", engine.train_reranker)
+    if retune:
+        timed(times, "tune_reranker", engine.tune_reranker)
+    else:
+        timed(times, "train_reranker", engine.train_reranker)
     engine = Engine.open(root, overrides=overrides)
     report = timed(
         times,
@@ -205,16 +248,13 @@ def rerank_only(dataset: str, root: Path) -> dict[str, Any]:
     )
     key = "fine_tuned_eval" if dataset == "scifact" else "eval"
     previous[key] = rows(report)
-    previous["reranker_training"] = {
-        "best": rr.best_metric,
-        "metrics": dict(rr.metrics),
-        "steps": rr.steps,
-        "fusion_weight": engine.fusion_weight(),
-    }
+    previous["reranker_training"] = reranker_record(engine)
     previous["comparisons"] = report.comparisons
-    previous["stage_seconds"] = times
     if dataset == "movielens":
         previous["mmr_sweep"] = report.extra.get("mmr_sweep")
+        previous["stage2_ablation"] = timed(times, "ablation", lambda: stage2_ablation(engine))
+    previous["stage_seconds"] = times
+    previous["config"] = engine.config.to_dict()
     return previous
 
 
@@ -224,10 +264,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller training and rerank depth")
     parser.add_argument("--project", help="project dir to (re)create; kept for bench_latency.py")
     parser.add_argument("--rerank-only", action="store_true", help="reuse the project's retriever and index")
+    parser.add_argument(
+        "--retune", action="store_true", help="with --rerank-only: keep the reranker, tune its serving again"
+    )
     args = parser.parse_args()
     root = Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / args.dataset)
     if args.rerank_only:
-        result = rerank_only(args.dataset, root)
+        result = rerank_only(args.dataset, root, args.retune)
     else:
         fresh(root)
         result = scifact(args.quick, root) if args.dataset == "scifact" else movielens(args.quick, root)

@@ -96,6 +96,10 @@ def render_quality(name: str, data: dict[str, Any]) -> list[str]:
             if any(r == ranking and v == shown for _, r, v in rows):
                 continue
             rows.append(("baseline" if ranking in BASELINES else label, ranking, shown))
+    for variant, x in (data.get("stage2_ablation") or {}).items():
+        shown = {m: x["eval"][m] for m in QUALITY_METRICS if m in x["eval"]}
+        ranking = f"rerank: {variant} (w {x['fusion_weight']}, c {x['cowatch_weight']})"
+        rows.append((runs[-1][1] if runs else "", ranking, shown))
     metrics = [m for m in QUALITY_METRICS if any(m in v for _, _, v in rows)]
     best = {m: max(v[m] for _, _, v in rows if m in v) for m in metrics}
     with_run = len(runs) > 1
@@ -118,6 +122,13 @@ def render_quality(name: str, data: dict[str, Any]) -> list[str]:
         if x
     )
     lines = [f"**{title}**" + (f" — {about}" if about else ""), "", *_table(header, body)]
+    served = data.get("reranker_training") or {}
+    if served.get("rerank_depth") is not None:
+        lines += [
+            "",
+            f"Stage 2 as evaluated (chosen on validation): fusion weight w {served.get('fusion_weight')}, "
+            f"co-watch weight c {served.get('cowatch_weight') or 0.0}, rerank depth {served['rerank_depth']}.",
+        ]
     if data.get("stage_seconds"):
         times = ", ".join(
             f"{k.replace('_', ' ')} {_secs(float(v))} s" for k, v in data["stage_seconds"].items()
