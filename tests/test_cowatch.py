@@ -16,6 +16,7 @@ from twostage.cowatch import MIN_USERS, co_watched, shared_history, training_fol
 from twostage.engine import COWATCH_GRID, FUSION_GRID
 from twostage.errors import ConfigError, NotFoundError
 from twostage.requests import Catalogue, split_requests
+from twostage.rerank import Reranker
 from twostage.store import Store
 from twostage.train.examples import reranker_requests
 
@@ -80,6 +81,7 @@ def test_shared_history_keeps_history_order():
     lists = {"x": ["c", "a", "z"]}
     assert shared_history(["a", "b", "c"], "x", lists) == ["a", "c"]
     assert shared_history(["a", "b"], "unknown", lists) == []
+    assert shared_history(["a", "c", "a"], "x", lists) == ["a", "c"]  # a re-watch counts once
 
 
 def test_folds_deal_every_user_once():
@@ -229,12 +231,14 @@ def test_cowatch_scores_reorder_stage_one_without_the_cross_encoder(tmp_path, ti
     for hit in ranking.hits:
         shared = shared_history(history, hit.item_id, engine.pipeline().cowatched)
         assert [w["item_id"] for w in hit.explanation["watched_with"]] == shared
+    recalled = engine.recommend(user, k=5, stage="recall", explain=True)
+    assert all("watched_with" not in h.explanation for h in recalled.hits)  # co-watch did not rank these
     # a query has no history to overlap: stage 1's order, the cross-encoder is not run either
     assert {h.stage for h in engine.search("comedy film", k=3).hits} == {"recall"}
     engine.close()
 
 
-def test_tune_only_chooses_the_serving_weights_again(tmp_path, tiny_bert_path):
+def test_tune_only_chooses_the_serving_weights_again(tmp_path, tiny_bert_path, monkeypatch):
     from click.testing import CliRunner
 
     from twostage.cli import cli
@@ -247,6 +251,8 @@ def test_tune_only_chooses_the_serving_weights_again(tmp_path, tiny_bert_path):
     result = CliRunner().invoke(cli, ["-p", str(project), "train", "reranker", "--tune-only", "--json"])
     assert result.exit_code == 0, result.output
     tuned = json.loads(result.stdout)
+    both = CliRunner().invoke(cli, ["-p", str(project), "train", "reranker", "--tune-only", "--epochs", "2"])
+    assert both.exit_code == 2 and "--tune-only keeps the trained model" in both.output
     again = json.loads(record_path.read_text())
     assert again["fusion_weight"] == tuned["fusion_weight"] in FUSION_GRID
     assert again["cowatch_weight"] == tuned["cowatch_weight"] in COWATCH_GRID
@@ -257,6 +263,23 @@ def test_tune_only_chooses_the_serving_weights_again(tmp_path, tiny_bert_path):
         tuned["cowatch_weight"],
     )
     engine.close()
+    # a configured weight is the one served: only the other is searched
+    pinned = Engine.open(project, overrides={"reranker.fusion_weight": 0.25})
+    assert {w for w, _, _ in pinned.tune_reranker()["weight_grid"]} == {0.25}
+    # tuning scores the split's stage-2 texts, also when the project has no reranker to serve with yet
+    engine = Engine.open(project, overrides={"reranker.item_template": "{title}. Watched with: {cowatched}"})
+    scored = []
+    monkeypatch.setattr(
+        Reranker, "score", lambda self, pairs, **kw: scored.extend(pairs) or np.zeros(len(pairs))
+    )
+    monkeypatch.setattr(engine, "reranker", lambda **kw: None)
+    engine.tune_reranker()
+    texts = set(engine.rerank_texts(engine.default_split()).values())
+    assert scored and all(item in texts for _, item in scored)
+    assert any("Watched with:" in item for _, item in scored)
+    # a new split drops the lists counted under the old cut-offs
+    engine.split()
+    assert not engine._cowatch_lists and not engine._rerank_texts
     shutil.rmtree(project / "models" / "reranker")
     with pytest.raises(NotFoundError, match="no trained reranker"):
         Engine.open(project).tune_reranker()

@@ -280,6 +280,8 @@ def train_reranker(ctx, split_name, loss, epochs, tune_only, out: Output) -> Non
     Example: twostage train reranker --loss listnet
     """
     overrides = {k: v for k, v in {"reranker.loss": loss, "reranker.epochs": epochs}.items() if v}
+    if tune_only and overrides:
+        raise click.UsageError("--tune-only keeps the trained model; --loss and --epochs apply to training")
     engine = _engine(ctx, out, overrides=overrides)
 
     def serving() -> str:

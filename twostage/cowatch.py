@@ -94,7 +94,8 @@ def shared_history(history: Sequence[str], item_id: str, lists: Mapping[str, Seq
     """The history items (in history order) that are among ``item_id``'s co-watched items.
 
     Its length is the co-watch score stage 2 fuses: how many of the user's recent items are watched with
-    the candidate by the same users. Pass the recent history only (``[text] history_size``).
+    the candidate by the same users. Pass the recent history only (``[text] history_size``); a re-watched
+    item counts once.
     """
     watched_with = set(lists.get(item_id, ()))
-    return [h for h in history if h in watched_with]
+    return [h for h in dict.fromkeys(history) if h in watched_with]

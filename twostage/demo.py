@@ -100,7 +100,8 @@ def run_demo(
         f"Split: {counts}",
         f"Retriever fine-tuned: best validation {retriever.best_metric:.4f}",
         f"Reranker trained: best validation nDCG@10 {reranker.best_metric:.4f}; rerank depth "
-        f"{engine.rerank_depth()}, fusion weight {engine.fusion_weight()} (chosen on validation)",
+        f"{engine.rerank_depth()}, fusion weight {engine.fusion_weight()}, co-watch weight "
+        f"{engine.cowatch_weight()} (chosen on validation)",
         "",
         report.table(
             [
@@ -118,6 +119,9 @@ def run_demo(
         lines.append(f"  {hit.rank}. {hit.title}")
         for d in (hit.explanation or {}).get("drivers", [])[:2]:
             lines.append(f"       because you watched {d['title']} (score drop {d['score_drop']:+.3f})")
+        watched_with = [w["title"] for w in (hit.explanation or {}).get("watched_with", [])]
+        if watched_with:
+            lines.append(f"       often watched with your {'; '.join(watched_with[:3])}")
     lines += [
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),

@@ -136,7 +136,11 @@ class Engine:
     def split(self, strategy: str | None = None, *, name: str | None = None) -> dict[str, int]:
         """Make the train/valid/test split (config ``[split]``, or ``strategy`` to override it)."""
         config = self.config if strategy is None else self.config.replace({"split.strategy": strategy})
-        return self.store.split(config.split, config.relevance, name=name)
+        made = self.store.split(config.split, config.relevance, name=name)
+        with self._lock:  # lists counted before the old cut-offs would leak or miss events
+            self._rerank_texts.clear()
+            self._cowatch_lists.clear()
+        return made
 
     def stats(self) -> dict[str, Any]:
         return self.store.stats()
@@ -360,6 +364,11 @@ class Engine:
             if self._pipeline is None:
                 reranker = self.reranker()
                 cowatch_weight = self.cowatch_weight() if reranker is not None else 0.0
+                if reranker is None and self.config.reranker.cowatch_weight:
+                    logger.warning(
+                        "[reranker] cowatch_weight is set but there is no reranker: co-watch scores are fused "
+                        "in stage 2, which needs a trained reranker (twostage train reranker)"
+                    )
                 self._pipeline = Pipeline(
                     encoder=self.retriever(),
                     index=self.index(),
@@ -440,7 +449,7 @@ class Engine:
         if diversify is not None and diversify < 1.0 and len(ordered) > k:
             ordered = self._diversify(ordered, k, diversify)
         ordered = ordered[:k]
-        explanations = self._explain(request, ordered, use_rerank) if explain else {}
+        explanations = self._explain(pipe, request, ordered, use_rerank, use_stage2) if explain else {}
         hits = tuple(
             Hit(
                 item_id=i,
@@ -465,10 +474,14 @@ class Engine:
         picked = mmr(vecs, np.asarray([s for _, s, _ in ordered], dtype=np.float32), k=k, lam=lam)
         return [ordered[p] for p in picked]
 
-    def _explain(self, request: Request, ordered: list, use_rerank: bool) -> dict[str, dict[str, Any]]:
+    def _explain(
+        self, pipe: Pipeline, request: Request, ordered: list, use_rerank: bool, use_stage2: bool
+    ) -> dict[str, dict[str, Any]]:
         from twostage.explain import explain_hits
 
-        return explain_hits(self, request, [i for i, _, _ in ordered], use_rerank=use_rerank)
+        ids = [i for i, _, _ in ordered]
+        cowatch = use_stage2 and pipe.cowatch_weight > 0
+        return explain_hits(self, pipe, request, ids, use_rerank=use_rerank, cowatch=cowatch)
 
     # ------------------------------------------------------------------ training
     def _record_run(self, kind: str, fingerprint: str | None, extra: dict[str, Any] | None = None) -> str:
@@ -564,7 +577,7 @@ class Engine:
 
     def rerank_depth(self) -> int:
         """How many stage-1 candidates to rerank: ``reranker.serve_depth``, else the depth tuned at training
-        (the smallest with no validation nDCG@10 loss), else ``reranker.depth``."""
+        (see :func:`shallowest_depth`), else ``reranker.depth``."""
         cfg = self.config.reranker
         if cfg.serve_depth is not None:
             return cfg.serve_depth
@@ -637,7 +650,8 @@ class Engine:
         cfg = self.config.reranker
         reranker = Reranker(str(model_dir), max_length=cfg.max_length, batch_size=cfg.batch_size)
         recommending = self.store.require_split(split) == "user"
-        pipe = self.split_pipeline(split)
+        # the split's stage-2 texts even when the project has no reranker yet (the pipeline then has none)
+        pipe = self.split_pipeline(split).with_rerank_texts(self.rerank_texts(split))
         if recommending:
             pipe = pipe.with_cowatched(self.cowatch_lists(split))
         stage1 = pipe.recall(val.requests, cfg.depth)
@@ -665,11 +679,14 @@ class Engine:
             final = with_reranked_head(stage1, heads)
             return mean_metric([[i for i, _ in hits] for hits in final], judged, "ndcg", 10)
 
-        grid = {
-            (w, c): ndcg10(w, c, cfg.depth)
-            for w in FUSION_GRID
-            for c in (COWATCH_GRID if recommending else (0.0,))
-        }
+        # a weight set in the config is the one served: only the other is searched
+        fusion = FUSION_GRID if cfg.fusion_weight is None else (cfg.fusion_weight,)
+        cowatch = (
+            (COWATCH_GRID if cfg.cowatch_weight is None else (cfg.cowatch_weight,))
+            if recommending
+            else (0.0,)
+        )
+        grid = {(w, c): ndcg10(w, c, cfg.depth) for w in fusion for c in cowatch}
         # ties go to more cross-encoder (smaller w) and less co-watch
         best_w, best_c = max(grid, key=lambda wc: (grid[wc], -wc[0], -wc[1]))
         depths = {d: ndcg10(best_w, best_c, d) for d in sorted({*DEPTH_GRID, cfg.depth}) if d <= cfg.depth}
@@ -704,10 +721,13 @@ class Engine:
         if not val.requests:
             raise NotFoundError(f"split '{split}' has no validation requests to tune on")
         tuned = self._tune_serving(model_dir, val, split)
-        record.write_text(json.dumps({**json.loads(record.read_text()), **tuned}, indent=2))
+        staged = record.with_suffix(".json.tmp")
+        staged.write_text(json.dumps({**json.loads(record.read_text()), **tuned}, indent=2))
+        staged.replace(record)  # atomic: a serving process never reads half a file
         with self._lock:
             self._reranker_record = None
             self._pipeline = None
+        self._record_run("tune-reranker", None, {"split": split, **tuned})
         return tuned
 
     def _candidate_lists(

@@ -19,12 +19,12 @@ from twostage.requests import user_text
 
 if TYPE_CHECKING:
     from twostage.engine import Engine
+    from twostage.pipeline import Pipeline
     from twostage.requests import Request
 
 
-def _scores(engine: Engine, texts: Sequence[str], item_ids: Sequence[str], use_rerank: bool) -> np.ndarray:
+def _scores(pipe: Pipeline, texts: Sequence[str], item_ids: Sequence[str], use_rerank: bool) -> np.ndarray:
     """Score every (text, item) pair: a matrix texts × items, with the reranker or the bi-encoder."""
-    pipe = engine.pipeline()
     if use_rerank:
         pairs = [(t, pipe.rerank_text(i)) for t in texts for i in item_ids]
         return np.asarray(pipe.score_pairs(pairs), dtype=np.float64).reshape(len(texts), len(item_ids))
@@ -34,25 +34,37 @@ def _scores(engine: Engine, texts: Sequence[str], item_ids: Sequence[str], use_r
 
 
 def explain_hits(
-    engine: Engine, request: Request, item_ids: Sequence[str], *, use_rerank: bool, top: int = 3
+    engine: Engine,
+    pipe: Pipeline,
+    request: Request,
+    item_ids: Sequence[str],
+    *,
+    use_rerank: bool,
+    cowatch: bool = False,
+    top: int = 3,
 ) -> dict[str, dict[str, Any]]:
-    """An explanation per item: the top ``top`` drivers (history items or query terms) with their score drop."""
+    """An explanation per item: the top ``top`` drivers (history items or query terms) with their score drop.
+
+    ``pipe`` is the pipeline that ranked the items; ``cowatch`` says its co-watch scores took part (the
+    co-watched history items are then listed).
+    """
     if not item_ids:
         return {}
     method = "reranker" if use_rerank else "bi-encoder"
     if request.history:
-        return _explain_recommendation(engine, request, item_ids, use_rerank, top, method)
-    return _explain_search(engine, request, item_ids, use_rerank, top, method)
+        return _explain_recommendation(engine, pipe, request, item_ids, use_rerank, cowatch, top, method)
+    return _explain_search(pipe, request, item_ids, use_rerank, top, method)
 
 
-def _explain_recommendation(engine, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
+def _explain_recommendation(
+    engine, pipe, request, item_ids, use_rerank, cowatch, top, method
+) -> dict[str, dict[str, Any]]:
     config = engine.config.text
     catalogue = engine.catalogue()
-    pipe = engine.pipeline()
     index = pipe.index
     context = [h for h in request.history[: config.history_size] if h in catalogue and h in index]
     variants = [user_text([h for h in context if h != drop], catalogue, config) for drop in context]
-    scores = _scores(engine, [request.text, *variants], item_ids, use_rerank)
+    scores = _scores(pipe, [request.text, *variants], item_ids, use_rerank)
     base, edited = scores[0], scores[1:]
     vecs = index.vectors(list(context) + list(item_ids)) if context else None
     out: dict[str, dict[str, Any]] = {}
@@ -76,17 +88,17 @@ def _explain_recommendation(engine, request, item_ids, use_rerank, top, method) 
                 for j in order
             ],
         }
-        if pipe.cowatch_weight > 0:
+        if cowatch:
             out[item_id]["watched_with"] = [
                 {"item_id": h, "title": catalogue.title(h)} for h in pipe.watched_with(request, item_id)
             ]
     return out
 
 
-def _explain_search(engine, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
+def _explain_search(pipe, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
     terms = request.text.split()
     variants = [" ".join(t for n, t in enumerate(terms) if n != drop) for drop in range(len(terms))]
-    scores = _scores(engine, [request.text, *variants], item_ids, use_rerank) if len(terms) > 1 else None
+    scores = _scores(pipe, [request.text, *variants], item_ids, use_rerank) if len(terms) > 1 else None
     out: dict[str, dict[str, Any]] = {}
     for col, item_id in enumerate(item_ids):
         if scores is None:

@@ -198,24 +198,27 @@ def reranker_record(engine: Engine) -> dict[str, Any]:
 def stage2_ablation(engine: Engine) -> dict[str, Any]:
     """The full pipeline without each of its stage-2 signals, on the same test users (recommendation).
 
-    Each variant keeps the best weight validation found for the remaining signal (from the tuning grid):
-    the cross-encoder without co-watch scores, and co-watch scores fused with stage 1 without the
-    cross-encoder (which then is not run).
+    Each variant keeps the best weight validation found for the remaining signal (from the tuning grid, at
+    the full training depth): the cross-encoder without co-watch scores, and co-watch scores fused with stage 1
+    without the cross-encoder (which then is not run). Both are evaluated at the served rerank depth.
     """
     grid = {(w, c): v for w, c, v in reranker_record(engine)["tuning"]["weight_grid"]}
-    best_w = max((w for w, c in grid if c == 0.0), key=lambda w: (grid[(w, 0.0)], -w))
-    best_c = max((c for w, c in grid if w == 1.0), key=lambda c: (grid[(1.0, c)], -c))
+    variants = {}
+    if any(c == 0.0 for _, c in grid):
+        best_w = max((w for w, c in grid if c == 0.0), key=lambda w: (grid[(w, 0.0)], -w))
+        variants["cross-encoder, no co-watch"] = (best_w, 0.0)
+    if any(w == 1.0 and c > 0.0 for w, c in grid):
+        best_c = max((c for w, c in grid if w == 1.0 and c > 0.0), key=lambda c: (grid[(1.0, c)], -c))
+        variants["co-watch, no cross-encoder"] = (1.0, best_c)
     out = {}
-    for name, (w, c) in {
-        "cross-encoder, no co-watch": (best_w, 0.0),
-        "co-watch, no cross-encoder": (1.0, best_c),
-    }.items():
+    for name, (w, c) in variants.items():
         pipe = engine.pipeline().with_weights(fusion_weight=w, cowatch_weight=c)
         report = engine.evaluate(baselines=False, pipeline=pipe)
         out[name] = {
             "fusion_weight": w,
             "cowatch_weight": c,
-            "valid_ndcg@10": grid[(w, c)],
+            "valid_ndcg@10_full_depth": grid[(w, c)],
+            "rerank_depth": engine.rerank_depth(),
             "eval": rows(report)["rerank"],
             "comparisons": [x for x in report.comparisons if x["metric"] in ("nDCG@10", "R@10")],
         }
