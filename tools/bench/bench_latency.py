@@ -32,8 +32,10 @@ import numpy as np
 from common import RESULTS, percentiles, repeat, write
 
 from twostage import Engine
+from twostage.cowatch import shared_history
 from twostage.engine import shallowest_depth
 from twostage.metrics import mean_metric
+from twostage.requests import Request
 from twostage.rerank import Candidate, fuse
 
 BENCH = Path(tempfile.gettempdir()) / "twostage-bench"
@@ -46,12 +48,17 @@ def ndcg10(rankings: list[list[str]], targets: list[dict[str, float]]) -> float:
 
 
 class Plain:
-    """The hand-written glue: encode, exact inner-product search, cross-encode every candidate."""
+    """The hand-written glue: encode, exact inner-product search, cross-encode every candidate, then the same
+    fusion as ours (the tuned fusion and co-watch weights, the same stage-2 item texts)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, split: str | None = None):
         import faiss
 
         self.fusion_weight = engine.fusion_weight()
+        self.cowatch_weight = engine.cowatch_weight()
+        self.cowatched = engine.cowatch_lists(split) if self.cowatch_weight > 0 else {}
+        self.history_size = engine.config.text.history_size
+        self.texts = engine.rerank_texts(split)
         from sentence_transformers import CrossEncoder, SentenceTransformer
 
         self.catalogue = engine.catalogue()
@@ -63,13 +70,14 @@ class Plain:
         self.index = faiss.IndexFlatIP(vecs.shape[1])
         self.index.add(np.ascontiguousarray(vecs, dtype=np.float32))
 
-    def candidates(self, text: str, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
-        qv = self.bi.encode([text], normalize_embeddings=True)
+    def candidates(self, request: Request) -> list[Candidate]:
+        qv = self.bi.encode([request.text], normalize_embeddings=True)
+        exclude, recent = request.exclude, request.history[: self.history_size]
         scores, rows = self.index.search(np.ascontiguousarray(qv, dtype=np.float32), DEPTH + len(exclude))
         found = [
-            Candidate(self.ids[r], self.catalogue.text(self.ids[r]), float(s))
-            for r, s in zip(rows[0], scores[0], strict=True)
-            if r >= 0 and self.ids[r] not in exclude
+            Candidate(i, self.texts[i], float(s), len(shared_history(recent, i, self.cowatched)))
+            for i, s in ((self.ids[r], s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0)
+            if i not in exclude
         ]
         return found[:DEPTH]
 
@@ -78,22 +86,21 @@ class Plain:
 
     def order(self, cands: list[Candidate], scores: np.ndarray, depth: int) -> list[str]:
         """Fuse the top ``depth`` candidates' scores (the rest keep stage-1 order below them)."""
-        head = fuse(cands[:depth], scores[:depth], k=depth, fusion_weight=self.fusion_weight)
+        weights = {"fusion_weight": self.fusion_weight, "cowatch_weight": self.cowatch_weight}
+        head = fuse(cands[:depth], scores[:depth], k=depth, **weights)
         return ([h.item_id for h in head] + [c.item_id for c in cands[depth:]])[:K]
 
-    def query(self, text: str, exclude: frozenset[str] = frozenset()) -> list[str]:
-        cands = self.candidates(text, exclude)
-        return self.order(cands, self.rerank_scores(text, cands), DEPTH)
+    def query(self, request: Request) -> list[str]:
+        cands = self.candidates(request)
+        return self.order(cands, self.rerank_scores(request.text, cands), DEPTH)
 
 
-def choose_depth(
-    plain: Plain, texts: list[str], targets: list[dict[str, float]], excludes: list[frozenset[str]]
-) -> dict[str, Any]:
+def choose_depth(plain: Plain, requests: list[Request], targets: list[dict[str, float]]) -> dict[str, Any]:
     """Score each validation request's 100 candidates once; nDCG@10 at depth d reranks only the top d."""
     per_request = []
-    for text, ex in zip(texts, excludes, strict=True):
-        cands = plain.candidates(text, ex)
-        per_request.append((cands, plain.rerank_scores(text, cands)))
+    for request in requests:
+        cands = plain.candidates(request)
+        per_request.append((cands, plain.rerank_scores(request.text, cands)))
     table = {}
     for d in (10, 15, 20, 30, 50, 100):
         table[d] = ndcg10([plain.order(cands, scores, d) for cands, scores in per_request], targets)
@@ -101,17 +108,15 @@ def choose_depth(
     return {"ndcg_by_depth": table, "chosen": chosen}
 
 
-def latency_pair(
-    engine: Engine, plain: Plain, requests: list[tuple[str, str, frozenset[str]]], serve: Any
-) -> dict[str, Any]:
+def latency_pair(engine: Engine, plain: Plain, requests: list[Request], serve: Any) -> dict[str, Any]:
     """Per-request wall time, ours and plain, interleaved so load drifts hit both alike."""
     ours_t, plain_t, ours_lists, plain_lists = [], [], [], []
-    for _request_id, text, exclude in requests:
+    for request in requests:
         started = time.perf_counter()
-        ours_lists.append(serve(text))
+        ours_lists.append(serve(request))
         ours_t.append(time.perf_counter() - started)
         started = time.perf_counter()
-        plain_lists.append(plain.query(text, exclude))
+        plain_lists.append(plain.query(request))
         plain_t.append(time.perf_counter() - started)
     ours, base = percentiles(ours_t), percentiles(plain_t)
     return {
@@ -134,9 +139,7 @@ def search_bench(n_queries: int, n_valid: int) -> dict[str, Any]:
     val_targets, _ = _validation_queries(store, "given", engine.config.retriever.seed)
     val_ids = sorted(val_targets)[:n_valid]
     texts = store.query_texts(val_ids)
-    depth = choose_depth(
-        plain, [texts[q] for q in val_ids], [val_targets[q] for q in val_ids], [frozenset()] * len(val_ids)
-    )
+    depth = choose_depth(plain, [Request(q, texts[q]) for q in val_ids], [val_targets[q] for q in val_ids])
     engine = Engine.open(
         BENCH / "scifact", overrides={"reranker.serve_depth": depth["chosen"], "index.depth": DEPTH}
     )
@@ -145,20 +148,16 @@ def search_bench(n_queries: int, n_valid: int) -> dict[str, Any]:
     random.Random(0).shuffle(ids)
     ids = ids[:n_queries]
     qtexts = store.query_texts(ids)
+    reqs = [Request(q, qtexts[q]) for q in ids]
     engine.search(qtexts[ids[0]], K)  # warm-up both
-    plain.query(qtexts[ids[0]])
-    out = latency_pair(
-        engine, plain, [(q, qtexts[q], frozenset()) for q in ids], lambda t: engine.search(t, K).item_ids()
-    )
+    plain.query(reqs[0])
+    out = latency_pair(engine, plain, reqs, lambda r: engine.search(r.text, K).item_ids())
     targets = [test[q] for q in ids]
     out["ours_ndcg10"] = ndcg10(out.pop("ours_lists"), targets)
     out["plain_ndcg10"] = ndcg10(out.pop("plain_lists"), targets)
     out["depth_selection"] = depth
     out["queries"] = len(ids)
     # batch throughput: ours reranks all requests' pairs in one batched pass; plain loops per query
-    from twostage.requests import Request
-
-    reqs = [Request(q, qtexts[q]) for q in ids]
     pipe = engine.pipeline()
     ours_batch = repeat(lambda: pipe.run(reqs, depth=DEPTH, rerank_depth=depth["chosen"]), 1)[0]
     out["throughput"] = {
@@ -175,7 +174,7 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     from twostage.requests import split_requests
 
     engine = Engine.open(BENCH / "movielens")
-    plain = Plain(engine)
+    plain = Plain(engine, "leave-last-out")  # co-watch lists counted before the cut-offs, as ours
     store = engine.store
     valid = split_requests(
         store,
@@ -186,9 +185,7 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
         max_requests=n_users,
     )
     vt = store.targets("leave-last-out", "valid")
-    depth = choose_depth(
-        plain, [r.text for r in valid], [vt[r.request_id] for r in valid], [r.exclude for r in valid]
-    )
+    depth = choose_depth(plain, valid, [vt[r.request_id] for r in valid])
     # ours as bench_quality.py tuned it: with the popularity prior chosen on validation (plain has none)
     prior = json.loads((RESULTS / "quality_movielens.json").read_text())["popularity_prior"]["best"]
     engine = Engine.open(
@@ -206,15 +203,14 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     # serving uses the user's whole history; for a held-out measurement we serve the test-time context
     pipe = engine.split_pipeline("leave-last-out")  # popularity counted before the test cut-off
 
-    def serve(text: str, _cache: dict = {r.text: r for r in test}) -> list[str]:  # noqa: B006
-        request = _cache[text]
+    def serve(request: Request) -> list[str]:
         stage1 = pipe.recall([request], DEPTH)
         hits = pipe.rerank([request], stage1, depth["chosen"])[0]
         return [h.item_id for h in hits][:K]
 
-    serve(test[0].text)
-    plain.query(test[0].text, test[0].exclude)
-    out = latency_pair(engine, plain, [(r.request_id, r.text, r.exclude) for r in test], serve)
+    serve(test[0])
+    plain.query(test[0])
+    out = latency_pair(engine, plain, test, serve)
     targets = [tt[r.request_id] for r in test]
     out["ours_ndcg10"] = ndcg10(out.pop("ours_lists"), targets)
     out["plain_ndcg10"] = ndcg10(out.pop("plain_lists"), targets)
@@ -222,6 +218,7 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     out["users"] = len(test)
     out["ours_popularity_prior"] = prior
     out["fusion_weight"] = engine.fusion_weight()
+    out["cowatch_weight"] = engine.cowatch_weight()
     return out
 
 

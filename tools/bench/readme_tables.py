@@ -205,6 +205,11 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                         "; the tuned fusion weight is 1, so ours skips the cross-encoder"
                         if x.get("fusion_weight", 0) >= 1
                         else ""
+                    )
+                    + (
+                        f"; both fuse co-watch scores (weight {x['cowatch_weight']})"
+                        if x.get("cowatch_weight")
+                        else ""
                     ),
                     when,
                 ]
