@@ -238,10 +238,12 @@ def test_lora_training_changes_weights_and_saves_a_plain_model(tiny_bert_path, t
 
     before = CrossEncoder(str(tiny_bert_path), num_labels=1, device="cpu")
     q_before = before.model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    ffn_before = before.model.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
     result = train_reranker(
         LISTS * 4,
         output_dir=tmp_path / "lora",
         base_model=str(tiny_bert_path),
+        val_lists=LISTS,  # the best checkpoint is reloaded with its adapters before they are merged
         lora=True,
         learning_rate=1e-2,
         warmup_ratio=0.0,
@@ -252,6 +254,16 @@ def test_lora_training_changes_weights_and_saves_a_plain_model(tiny_bert_path, t
     assert not any("lora" in name for name, _ in after.model.named_parameters())
     q_after = after.model.bert.encoder.layer[0].attention.self.query.weight
     assert not torch.allclose(q_before, q_after)
+    # only the adapted projections (and the head) learn: the feed-forward weights are the base's
+    assert torch.equal(ffn_before, after.model.bert.encoder.layer[0].intermediate.dense.weight)
+    # the fresh head was trained with the adapters, not left at its random start (same seed, same start)
+    from transformers import set_seed
+
+    from twostage.rerank import load_cross_encoder
+
+    set_seed(0)
+    start, _ = load_cross_encoder(str(tiny_bert_path), device="cpu")
+    assert not torch.allclose(start.model.classifier.weight, after.model.classifier.weight)
 
 
 @pytest.mark.parametrize("window", [1, 3])

@@ -281,25 +281,31 @@ def lists_to_dataset(lists: Sequence[RerankList]) -> Any:
     )
 
 
-def _add_lora(model: CrossEncoder) -> None:
+# what sequence-classification heads are called (BERT/RoBERTa/ELECTRA, DistilBERT, decoder LMs)
+_HEAD_MODULES = frozenset({"classifier", "pre_classifier", "score"})
+
+
+def _add_lora(model: CrossEncoder) -> Any:
+    """Inject LoRA adapters into the attention of ``model`` in place; the fresh head stays trainable.
+
+    peft's own tuner is used rather than transformers' adapter integration, whose peft version check
+    can run ahead of the peft releases on the index.
+    """
     try:
-        from peft import LoraConfig, TaskType
+        from peft import LoraConfig, LoraModel
     except ImportError as e:
         raise MissingDependencyError("lora", "LoRA training") from e
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]
-    )
-    model.add_adapter(config)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+    tuner = LoraModel(model.model, config, "default")
+    for name, param in model.model.named_parameters():
+        if name.split(".")[0] in _HEAD_MODULES:
+            param.requires_grad = True
+    return tuner
 
 
-def _merge_lora(model: CrossEncoder) -> None:
-    """Fold the adapter into the base weights so the saved dir loads as a plain CrossEncoder."""
-    inner = model.model
-    if hasattr(inner, "merge_adapter"):
-        inner.merge_adapter()
-    if hasattr(inner, "delete_adapter") and getattr(inner, "peft_config", None):
-        for name in list(inner.peft_config):
-            inner.delete_adapter(name)
+def _merge_lora(tuner: Any) -> None:
+    """Fold the adapters into the base weights so the saved dir loads as a plain CrossEncoder."""
+    tuner.merge_and_unload()
 
 
 def train_reranker(
@@ -391,8 +397,7 @@ def train_reranker(
 
     set_seed(seed)
     model, fresh_head = load_cross_encoder(base_model, device=device, max_length=max_length)
-    if lora:
-        _add_lora(model)
+    tuner = _add_lora(model) if lora else None
     loss_fn = build_loss(loss, model, mini_batch_size=0 if mini_batch_size is None else mini_batch_size)
     train_dataset = lists_to_dataset(train_lists)
     evaluator = (
@@ -444,8 +449,8 @@ def train_reranker(
         metrics = _best_metrics(trainer.state.log_history, trainer.state.best_model_checkpoint)
         if evaluator is None:
             metrics = {"train_loss": float(output.training_loss)}
-        if lora:
-            _merge_lora(model)
+        if tuner is not None:
+            _merge_lora(tuner)
         model.activation_fn = torch.nn.Identity()
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(output_dir))
