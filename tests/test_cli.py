@@ -67,3 +67,25 @@ def test_not_a_project(tmp_path):
     result = CliRunner().invoke(cli, ["-p", str(tmp_path / "none"), "stats"])
     assert result.exit_code == 1
     assert "not a twostage project" in result.output
+
+
+def test_progress_lines_are_ours_and_library_chatter_stays_out():
+    import logging
+
+    from twostage.cli import configure_logging
+
+    root, ours = logging.getLogger(), logging.getLogger("twostage")
+    saved = root.level, ours.level
+    try:
+        configure_logging(verbose=True)
+        assert logging.getLogger("twostage.engine").isEnabledFor(logging.INFO)
+        # faiss's loader logs its AVX probing at INFO; sentence-transformers says "No device provided"
+        assert not logging.getLogger("faiss.loader").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("sentence_transformers").isEnabledFor(logging.INFO)
+        assert logging.getLogger("sentence_transformers").isEnabledFor(logging.WARNING)
+        configure_logging(verbose=False)
+        assert not logging.getLogger("twostage.engine").isEnabledFor(logging.INFO)
+        assert logging.getLogger("twostage.engine").isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])

@@ -50,6 +50,14 @@ class Output:
             click.echo(message, err=True)
 
 
+def configure_logging(*, verbose: bool) -> None:
+    """Our progress lines at INFO when verbose; libraries' INFO chatter (faiss's loader, "No device provided")
+    never, their warnings always."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("twostage").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def output_options(func: Callable) -> Callable:
     """--json and --quiet for every command; maps TwostageError to a one-line error and exit code 1."""
 
@@ -57,7 +65,7 @@ def output_options(func: Callable) -> Callable:
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")
     @functools.wraps(func)
     def wrapper(*args: Any, as_json: bool, quiet: bool, **kwargs: Any) -> Any:
-        logging.basicConfig(level=logging.WARNING if quiet or as_json else logging.INFO, format="%(message)s")
+        configure_logging(verbose=not (quiet or as_json))
         try:
             return func(*args, out=Output(as_json, quiet), **kwargs)
         except TwostageError as e:
