@@ -117,6 +117,51 @@ def test_recommend_excludes_history_and_explains(trained_project):
     assert all(isinstance(d["score_drop"], float) for d in drivers)
 
 
+@pytest.mark.parametrize("stage", ["rerank", "recall"])
+def test_search_explanations_score_the_query_without_each_content_word(trained_project, stage):
+    import numpy as np
+
+    engine = Engine.open(trained_project)
+    query = "a comedy film, with the family!"
+    ranking = engine.search(query, k=2, stage=stage, explain=True)
+    pipe = engine.pipeline()
+    for hit in ranking.hits:
+        terms = hit.explanation["terms"]
+        # stopwords are not explained on their own, and punctuation is not part of a term
+        assert {t["term"] for t in terms} == {"comedy", "film", "family"}
+        # faithful: each drop is the model's own score of the query minus that of the query without the word
+        edited = {
+            "comedy": "a film, with the family!",
+            "film": "a comedy with the family!",
+            "family": "a comedy film, with the",
+        }
+        texts = [query, *edited.values()]
+        assert hit.explanation["method"].endswith(
+            "reranker score" if stage == "rerank" else "bi-encoder score"
+        )
+        if "reranker" in hit.explanation["method"]:
+            scores = pipe.score_pairs([(t, pipe.rerank_text(hit.item_id)) for t in texts])
+        else:
+            scores = pipe.encode(texts) @ pipe.index.vectors([hit.item_id])[0]
+        scores = np.asarray(scores, dtype=np.float64)
+        expected = dict(zip(edited, scores[0] - scores[1:], strict=True))
+        for t in terms:
+            assert t["score_drop"] == pytest.approx(expected[t["term"]], abs=1e-3)
+        drops = [t["score_drop"] for t in terms]
+        assert drops == sorted(drops, reverse=True)
+
+
+def test_content_terms_fall_back_to_every_token_when_all_are_stopwords():
+    from twostage.explain import content_terms
+
+    assert content_terms("space adventure with robots") == (
+        ["space", "adventure", "with", "robots"],
+        [0, 1, 3],
+    )
+    assert content_terms("The (Matrix)") == (["The", "(Matrix)"], [1])
+    assert content_terms("to be or not") == (["to", "be", "or", "not"], [0, 1, 2, 3])
+
+
 def test_recall_stage_only(trained_project):
     engine = Engine.open(trained_project)
     ranking = engine.recommend("3", k=3, stage="recall")

@@ -5,7 +5,7 @@ and the pair (edited context, item) is scored again; the drop in score is that h
 bi-encoder similarity between the history item and the recommended item, and shared categories, are added.
 When stage 2 fuses co-watch scores, the history items the recommended item is co-watched with are listed
 too (they are exactly that score).
-Search hits: the same with query terms instead of history items.
+Search hits: the same with the query's content words (not stopwords) instead of history items.
 """
 
 from __future__ import annotations
@@ -95,22 +95,41 @@ def _explain_recommendation(
     return out
 
 
+def content_terms(text: str) -> tuple[list[str], list[int]]:
+    """The query's whitespace tokens, and which of them are worth explaining: not English stopwords.
+
+    Removing "with" or "the" moves a cross-encoder's score too, but a reader asks which words of their query
+    mattered; stopwords stay in every edited query and are not scored on their own (all tokens are, when the
+    query has nothing else). Punctuation around a word is ignored when matching and when shown.
+    """
+    from bm25s.stopwords import STOPWORDS_EN
+
+    tokens = text.split()
+    words = [t.strip(_PUNCTUATION).lower() for t in tokens]
+    content = [n for n, w in enumerate(words) if w and w not in STOPWORDS_EN]
+    return tokens, content or list(range(len(tokens)))
+
+
+_PUNCTUATION = "\"'`.,;:!?()[]{}<>«»“”‘’"
+
+
 def _explain_search(pipe, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
-    terms = request.text.split()
-    variants = [" ".join(t for n, t in enumerate(terms) if n != drop) for drop in range(len(terms))]
-    scores = _scores(pipe, [request.text, *variants], item_ids, use_rerank) if len(terms) > 1 else None
+    tokens, explained = content_terms(request.text)
+    shown = [tokens[n].strip(_PUNCTUATION) or tokens[n] for n in explained]
+    variants = [" ".join(t for n, t in enumerate(tokens) if n != drop) for drop in explained]
+    scores = _scores(pipe, [request.text, *variants], item_ids, use_rerank) if len(tokens) > 1 else None
     out: dict[str, dict[str, Any]] = {}
     for col, item_id in enumerate(item_ids):
         if scores is None:
             out[item_id] = {
                 "method": f"query-term removal, {method} score",
-                "terms": [{"term": terms[0] if terms else "", "score_drop": None}],
+                "terms": [{"term": shown[0] if shown else "", "score_drop": None}],
             }
             continue
         drops = scores[0, col] - scores[1:, col]
         order = np.argsort(-drops, kind="stable")[:top]
         out[item_id] = {
             "method": f"query-term removal, {method} score",
-            "terms": [{"term": terms[j], "score_drop": round(float(drops[j]), 4)} for j in order],
+            "terms": [{"term": shown[j], "score_drop": round(float(drops[j]), 4)} for j in order],
         }
     return out
