@@ -198,6 +198,15 @@ def test_evaluate_writes_metrics_and_compares(trained_project, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "<img" in html and "nDCG@10" in html
     assert report.extra["mmr_sweep"][0]["lambda"] == 0.5
+    # the demo's summary lines: stage 2 against stage 1 and stage 1 against popularity, b − a
+    from twostage.demo import _significance
+
+    lines = _significance(report.comparisons)
+    means = {r.name: r.means["nDCG@10"] for r in report.rows}
+    assert [line.split(",")[0] for line in lines] == ["rerank vs recall", "recall vs popularity"]
+    shown = [float(line.split(": ")[1].split(" ")[0]) for line in lines]
+    assert shown[0] == pytest.approx(means["rerank"] - means["recall"], abs=1e-4)
+    assert shown[1] == pytest.approx(means["recall"] - means["popularity"], abs=1e-4)
 
 
 def test_index_refuses_other_model(trained_project, tiny_bert_path):

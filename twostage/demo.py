@@ -103,6 +103,8 @@ def run_demo(
         f"{engine.rerank_depth()}, fusion weight {engine.fusion_weight()}, co-watch weight "
         f"{engine.cowatch_weight()} (chosen on validation)",
         "",
+        f"Test metrics ({report.extra['n_requests']} requests of split {report.split}, part {report.part}; "
+        "full ranking over the items each user has not seen):",
         report.table(
             [
                 c
@@ -110,6 +112,7 @@ def run_demo(
                 if c.split("@")[0] in ("R", "nDCG", "RR") and not c.endswith("@1")
             ]
         ),
+        *_significance(report.comparisons),
         "",
         f"HTML report: {root / 'report.html'}",
         "",
@@ -135,3 +138,13 @@ def run_demo(
         "recommendations": ranking,
         "text": "\n".join(lines),
     }
+
+
+def _significance(comparisons: list[dict[str, Any]], metric: str = "nDCG@10") -> list[str]:
+    """The paired test a reader wants next to the table: does stage 2 beat stage 1 beyond chance?"""
+    return [
+        f"{c['b']} vs {c['a']}, {metric}: {c['diff']:+.4f} (95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], "
+        f"p = {c['p_value']:.2f}, paired bootstrap)"
+        for c in comparisons
+        if c["metric"] == metric and (c["a"], c["b"]) in (("recall", "rerank"), ("popularity", "recall"))
+    ]
