@@ -151,6 +151,18 @@ def test_search_explanations_score_the_query_without_each_content_word(trained_p
         assert drops == sorted(drops, reverse=True)
 
 
+def test_only_drivers_that_raised_the_score_are_worth_a_because():
+    from twostage.explain import raised_score
+
+    drivers = [
+        {"term": "a", "score_drop": 0.2},
+        {"term": "b", "score_drop": 0.0},
+        {"term": "c", "score_drop": -0.1},
+    ]
+    assert raised_score(drivers) == drivers[:1]
+    assert raised_score([{"term": "solo", "score_drop": None}]) == []
+
+
 def test_content_terms_fall_back_to_every_token_when_all_are_stopwords():
     from twostage.explain import content_terms
 

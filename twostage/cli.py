@@ -376,22 +376,24 @@ def index_info(ctx, name, out: Output) -> None:
 
 
 def _print_ranking(out: Output, ranking) -> None:
+    from twostage.explain import raised_score
+
     def human() -> None:
         click.echo(f"request: {ranking.request_text}")
         for h in ranking.hits:
             rr = "" if h.rerank_score is None else f"  rerank {h.rerank_score:+.3f}"
             click.echo(f"{h.rank:3}. {h.item_id:>10}  {h.title[:60]:60}  recall {h.recall_score:.3f}{rr}")
             if h.explanation:
-                for d in h.explanation.get("drivers", []):
+                # the JSON keeps every driver; the text shows those whose removal lowers the score
+                for d in raised_score(h.explanation.get("drivers", [])):
                     click.echo(
                         f"       because: {d['title'][:50]} (score drop {d['score_drop']:+.3f}, similarity {d['similarity']:.2f})"
                     )
                 if h.explanation.get("watched_with"):
                     titles = "; ".join(w["title"][:40] for w in h.explanation["watched_with"])
                     click.echo(f"       watched with: {titles}")
-                for t in h.explanation.get("terms", []):
-                    if t.get("score_drop") is not None:
-                        click.echo(f"       term: {t['term']} (score drop {t['score_drop']:+.3f})")
+                for t in raised_score(h.explanation.get("terms", [])):
+                    click.echo(f"       term: {t['term']} (score drop {t['score_drop']:+.3f})")
 
     out.result(ranking, human)
 

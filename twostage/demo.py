@@ -63,6 +63,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage on the bundled sample in ``project_dir`` (recreated if it is a demo project)."""
     from twostage.engine import Engine
+    from twostage.explain import raised_score
 
     root = Path(project_dir)
     if root.exists() and any(root.iterdir()):
@@ -120,7 +121,7 @@ def run_demo(
     ]
     for hit in ranking.hits:
         lines.append(f"  {hit.rank}. {hit.title}")
-        for d in (hit.explanation or {}).get("drivers", [])[:2]:
+        for d in raised_score((hit.explanation or {}).get("drivers", []))[:2]:
             lines.append(f"       because you watched {d['title']} (score drop {d['score_drop']:+.3f})")
         watched_with = [w["title"] for w in (hit.explanation or {}).get("watched_with", [])]
         if watched_with:

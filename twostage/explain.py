@@ -33,6 +33,12 @@ def _scores(pipe: Pipeline, texts: Sequence[str], item_ids: Sequence[str], use_r
     return (text_vecs @ item_vecs.T).astype(np.float64)
 
 
+def raised_score(drivers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The drivers (history items or query terms) without which the item scores lower: the ones worth a
+    "because". A drop of zero or below means the item does not owe its rank to that driver."""
+    return [d for d in drivers if d.get("score_drop") is not None and d["score_drop"] > 0]
+
+
 def explain_hits(
     engine: Engine,
     pipe: Pipeline,
