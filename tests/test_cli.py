@@ -89,3 +89,14 @@ def test_progress_lines_are_ours_and_library_chatter_stays_out():
     finally:
         root.setLevel(saved[0])
         ours.setLevel(saved[1])
+
+
+def test_demo_honours_the_group_project_option(tmp_path):
+    taken = tmp_path / "mine"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("not a demo project")
+    # the directory is refused (it holds other files), which shows -p was the one used; nothing is deleted
+    result = CliRunner().invoke(cli, ["-p", str(taken), "demo"])
+    assert result.exit_code == 1
+    assert f"{taken} exists and is not a demo project" in result.output
+    assert (taken / "notes.txt").exists()

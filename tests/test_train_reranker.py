@@ -312,3 +312,25 @@ def test_sampled_negatives_come_from_the_whole_depth_and_keep_the_positives():
     assert top.docs[:7] == [f"text {n}" for n in range(7)]
     lists = make_lists([("q", cands, {"c30": 1.0})] * 2, list_size=8, sample_seed=1)
     assert lists == make_lists([("q", cands, {"c30": 1.0})] * 2, list_size=8, sample_seed=1)
+
+
+def test_a_fresh_head_is_announced_once_in_our_words(tiny_bert_path, tmp_path, capfd, caplog):
+    import logging
+
+    from twostage.rerank import load_cross_encoder
+
+    with caplog.at_level(logging.INFO):
+        # for serving: one warning of ours; the libraries' conversion notice and LOAD REPORT are not shown
+        load_cross_encoder(str(tiny_bert_path), device="cpu")
+        err = capfd.readouterr().err
+        assert "LOAD REPORT" not in err and "Converting" not in err
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and "UNTRAINED" in warned[0]
+        caplog.clear()
+        # for training the fresh head is the point: no warning at all
+        train_reranker(LISTS, output_dir=tmp_path / "m", base_model=str(tiny_bert_path), seed=0)
+        err = capfd.readouterr().err
+        assert "LOAD REPORT" not in err and "Converting" not in err
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # the libraries' own levels are back as they were
+    assert logging.getLogger("transformers").getEffectiveLevel() <= logging.WARNING

@@ -479,7 +479,11 @@ def _print_eval(result) -> None:
 
 @cli.command()
 @click.option(
-    "--project", "demo_dir", default="demo-project", show_default=True, type=click.Path(file_okay=False)
+    "--project",
+    "demo_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Demo project directory (or the group's -p/--project).  [default: demo-project]",
 )
 @output_options
 @click.pass_context
@@ -490,8 +494,13 @@ def demo(ctx, demo_dir, out: Output) -> None:
 
     Example: twostage demo --project /tmp/demo
     """
+    from click.core import ParameterSource
+
     from twostage.demo import run_demo
 
+    if demo_dir is None:
+        given = ctx.parent.get_parameter_source("project") not in (ParameterSource.DEFAULT, None)
+        demo_dir = ctx.obj["project"] if given else "demo-project"
     result = run_demo(demo_dir, progress=not out.quiet and not out.as_json, echo=out.info)
     out.result(result, lambda: click.echo(result["text"]))
 

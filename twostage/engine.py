@@ -504,6 +504,7 @@ class Engine:
             self._indexes.clear()
             self._pipeline = None
             self._reranker_record = None
+        logger.info("%s saved to %s", which, target)
         return target
 
     def train_retriever(self, *, split: str | None = None) -> Any:

@@ -9,7 +9,8 @@ squash them (and create float32 ties at the extremes) without changing the order
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +68,28 @@ def _has_score_head(path: str) -> bool:
     return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
 
 
+@contextmanager
+def _expected_fresh_head_notices_silenced() -> Iterator[None]:
+    """Loading a bi-encoder or plain BERT as a cross-encoder makes sentence-transformers warn "Converting ...
+    model" and transformers print a LOAD REPORT listing the missing ``classifier.*`` weights. Both are
+    expected there, and our own one-line message says what matters; real errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("sentence_transformers", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def load_cross_encoder(
-    name_or_path: str | Path | None = None, *, device: str | None = None, max_length: int = 256
+    name_or_path: str | Path | None = None,
+    *,
+    device: str | None = None,
+    max_length: int = 256,
+    for_training: bool = False,
 ) -> tuple[CrossEncoder, bool]:
     """Load a 1-logit CrossEncoder with identity activation.
 
@@ -81,6 +102,7 @@ def load_cross_encoder(
         name_or_path: model name, local path, or ``None``/``"default"``.
         device: torch device; ``None`` lets sentence-transformers pick (CUDA when available).
         max_length: token limit for the concatenated pair; longer pairs are truncated.
+        for_training: the model is about to be fine-tuned, so a fresh head is expected and not warned about.
 
     Returns:
         ``(model, fresh_head)``; ``fresh_head`` is True when the scoring head was just initialised at random.
@@ -102,13 +124,14 @@ def load_cross_encoder(
         label = path
     fresh_head = not _has_score_head(path)
     try:
-        model = CrossEncoder(
-            path,
-            device=device,
-            max_length=max_length,
-            num_labels=1 if fresh_head else None,
-            activation_fn=torch.nn.Identity(),
-        )
+        with _expected_fresh_head_notices_silenced() if fresh_head else nullcontext():
+            model = CrossEncoder(
+                path,
+                device=device,
+                max_length=max_length,
+                num_labels=1 if fresh_head else None,
+                activation_fn=torch.nn.Identity(),
+            )
     except OSError as e:
         raise NotFoundError(
             f"cross-encoder model '{name_or_path}' not found: not a local path nor a cached Hugging Face model; "
@@ -120,7 +143,9 @@ def load_cross_encoder(
             key="reranker.model",
         )
     model.activation_fn = torch.nn.Identity()
-    if fresh_head:
+    if fresh_head and for_training:
+        logger.info("cross-encoder %s: a fresh 1-logit head, trained with the rest", label)
+    elif fresh_head:
         logger.warning(
             "cross-encoder %s has a fresh, UNTRAINED 1-logit head: its scores are random until it is fine-tuned "
             "(twostage train reranker)",

@@ -396,7 +396,9 @@ def train_reranker(
     from twostage.train import keep_stdout_clean
 
     set_seed(seed)
-    model, fresh_head = load_cross_encoder(base_model, device=device, max_length=max_length)
+    model, fresh_head = load_cross_encoder(
+        base_model, device=device, max_length=max_length, for_training=True
+    )
     tuner = _add_lora(model) if lora else None
     loss_fn = build_loss(loss, model, mini_batch_size=0 if mini_batch_size is None else mini_batch_size)
     train_dataset = lists_to_dataset(train_lists)
@@ -430,6 +432,8 @@ def train_reranker(
             report_to="none",
             disable_tqdm=not progress,
             dataloader_num_workers=0,
+            # pinning only helps host-to-GPU copies (and warns without one)
+            dataloader_pin_memory=torch.cuda.is_available() and device != "cpu",
             use_cpu=device == "cpu",
         )
         callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)] if evaluator is not None else []
@@ -479,7 +483,7 @@ def train_reranker(
         "seconds": round(seconds, 3),
     }
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    logger.info("reranker saved to %s (%d steps, %.1fs, best %s)", output_dir, steps, seconds, best_metric)
+    logger.info("reranker trained: %d steps, %.1fs, best %s", steps, seconds, best_metric)
     return RerankerTrainingResult(
         model_path=output_dir, best_metric=best_metric, metrics=metrics, steps=steps, seconds=seconds
     )

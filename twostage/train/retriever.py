@@ -220,6 +220,7 @@ def train_retriever(
             seed=seed,
             data_seed=seed,
             dataloader_num_workers=0,
+            dataloader_pin_memory=cuda,  # pinning is for host-to-GPU copies
         )
         callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)] if evaluator is not None else []
         trainer = _Trainer(
@@ -274,7 +275,7 @@ def train_retriever(
         (staged / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
         _replace_dir(staged, output_dir)
 
-    logger.info("saved retriever to %s after %d steps (%s)", output_dir, steps, metrics or "no validation")
+    logger.info("retriever trained: %d steps (%s)", steps, metrics or "no validation")
     return RetrieverTrainingResult(
         model_path=output_dir,
         best_metric=best_metric,
