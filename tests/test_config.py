@@ -36,6 +36,15 @@ def test_values_and_tuples(tmp_path):
         ("[reranker]\nloss = 'listnett'\n", "reranker.loss: 'listnett' is not one of"),
         ("[split]\nratios = [0.5, 0.2, 0.2]\n", "split.ratios: ratios must sum to 1"),
         ("[index\n", "not valid TOML"),
+        ("[split]\nratios = [1.5, -0.5, 0.0]\n", "split.ratios: each ratio must be in [0, 1]"),
+        ("[text]\nhistory_size = -3\n", "text.history_size: must be at least 1, got -3"),
+        ("[retriever]\nepochs = 0\n", "retriever.epochs: must be at least 1, got 0"),
+        ("[reranker]\nlist_size = 1\n", "reranker.list_size: a listwise loss needs lists of at least 2"),
+        ("[reranker]\nlearning_rate = 0.0\n", "reranker.learning_rate: must be above 0"),
+        ("[retriever]\npopularity_weight = -0.1\n", "retriever.popularity_weight: must be at least 0"),
+        ("[eval]\nks = [0, 10]\n", "eval.ks: cut-offs must be at least 1, got [0, 10]"),
+        ("[eval]\nmetrics = ['ndgc']\n", "eval.metrics: unknown ranking metric 'ndgc'"),
+        ("[text]\nuser_template = 'Likes: {hist}'\n", "text.user_template: the user template has only"),
     ],
 )
 def test_bad_config_names_key(tmp_path, toml, message):

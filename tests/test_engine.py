@@ -299,3 +299,18 @@ def test_cli_train_reranker_reports_the_serving_choices(trained_project):
     assert as_json.exit_code == 0, as_json.output
     assert len(json.loads(as_json.stdout)["hits"]) == 3
     assert "Loading weights" not in as_json.stderr  # --json silences the libraries' bars too
+
+
+def test_a_template_field_no_item_has_is_refused(trained_project):
+    from twostage.errors import ConfigError
+    from twostage.requests import Catalogue
+
+    catalogue = Catalogue([{"item_id": "1", "title": "Heat", "attrs": {"tags": ["heist"]}}], "{title}")
+    catalogue.check_template("{title}. {tags}. {cowatched}", "reranker.item_template")  # attrs keys count
+    with pytest.raises(ConfigError, match=r"text.item_template: no item has the field \{titel\}.*'title'"):
+        catalogue.check_template("{titel}. {tags}", "text.item_template")
+    # the engine checks its templates before anything is rendered, encoded or indexed
+    for key in ("text.item_template", "text.history_item_template", "reranker.item_template"):
+        engine = Engine.open(trained_project, overrides={key: "{title} ({yeer})"})
+        with pytest.raises(ConfigError, match=key):
+            engine.build_index()

@@ -69,6 +69,24 @@ def test_reingest_items_updates_and_events_append(store, tmp_path):
     assert store.count("events") == 7
 
 
+def test_events_already_stored_are_skipped_so_a_second_load_changes_nothing(store, tmp_path):
+    before = snapshot(store)
+    again = store.ingest(tmp_path / "events.csv", "events", mapping=EVENT_MAP, event="rating")
+    assert (again.rows, again.already_stored) == (0, 6)
+    assert snapshot(store) == before
+    # a file that overlaps the log: only its new events are added; a changed value is a new event;
+    # identical rows inside one file are all kept (the file is the record of what happened)
+    overlap = "user,item,rating,ts\nu1,1,5,100\nu1,1,4,100\nu3,2,1,400\nu3,2,1,400\n"
+    report = store.ingest(write(tmp_path, "e3.csv", overlap), "events", mapping=EVENT_MAP, event="rating")
+    assert (report.rows, report.already_stored) == (3, 1)
+    assert store.count("events") == 9
+    seqs = [r[0] for r in store.con.execute("SELECT seq FROM events ORDER BY seq").fetchall()]
+    assert len(set(seqs)) == len(seqs)  # the order of events stays a strict one
+    # another event type for the same (user, item, time) is not a duplicate
+    clicks = store.ingest(tmp_path / "events.csv", "events", mapping=EVENT_MAP, event="click")
+    assert (clicks.rows, clicks.already_stored) == (6, 0)
+
+
 def test_extra_columns_go_to_attrs(tmp_path):
     s = Store(":memory:")
     s.ingest(write(tmp_path, "i.csv", "item_id,title,brand\nA,Shoe,acme\n"), "items")

@@ -147,6 +147,7 @@ def _print_reports(out: Output, reports: list) -> None:
             click.echo(
                 f"{r.kind}: {r.rows} rows from {r.file}"
                 + (f", {r.rejected} rejected" if r.rejected else "")
+                + (f", {r.already_stored} already in the store (skipped)" if r.already_stored else "")
                 + f" ({r.seconds:.2f}s)"
             )
             for r in reports

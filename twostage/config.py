@@ -327,6 +327,77 @@ def _validate(config: Config) -> None:
     for key in ("cowatched_size", "label_window"):
         if getattr(config.reranker, key) < 1:
             raise ConfigError("must be at least 1", key=f"reranker.{key}")
+    _validate_ranges(config)
+
+
+# Sizes, counts and budgets: a 0 or a negative value would fail deep inside a trainer, or silently do nothing.
+_AT_LEAST_ONE = {
+    "text": ("history_size",),
+    "retriever": (
+        "max_seq_length",
+        "batch_size",
+        "epochs",
+        "train_batch_size",
+        "max_train_pairs",
+        "eval_k",
+        "eval_requests",
+        "eval_corpus",
+        "patience",
+    ),
+    "reranker": (
+        "max_length",
+        "batch_size",
+        "epochs",
+        "train_batch_size",
+        "max_train_requests",
+        "eval_requests",
+        "patience",
+    ),
+    "eval": ("max_requests",),
+}
+_AT_LEAST_ZERO = {
+    "split": ("min_events",),
+    "retriever": ("hard_negatives", "popularity_weight"),
+    "eval": ("bootstrap",),
+}
+
+
+def _validate_ranges(config: Config) -> None:
+    for bound, table in ((1, _AT_LEAST_ONE), (0, _AT_LEAST_ZERO)):
+        for section, keys in table.items():
+            for key in keys:
+                value = getattr(getattr(config, section), key)
+                if value is not None and not value >= bound:
+                    raise ConfigError(f"must be at least {bound}, got {value}", key=f"{section}.{key}")
+    if config.reranker.list_size < 2:
+        raise ConfigError("a listwise loss needs lists of at least 2", key="reranker.list_size")
+    for section in ("retriever", "reranker"):
+        cfg = getattr(config, section)
+        if not cfg.learning_rate > 0:
+            raise ConfigError(f"must be above 0, got {cfg.learning_rate}", key=f"{section}.learning_rate")
+        if not 0 <= cfg.warmup_ratio < 1:
+            raise ConfigError(f"must be in [0, 1), got {cfg.warmup_ratio}", key=f"{section}.warmup_ratio")
+    if any(not 0 <= r <= 1 for r in config.split.ratios):
+        raise ConfigError(
+            f"each ratio must be in [0, 1], got {list(config.split.ratios)}", key="split.ratios"
+        )
+    if not config.eval.ks or any(k < 1 for k in config.eval.ks):
+        raise ConfigError(f"cut-offs must be at least 1, got {list(config.eval.ks)}", key="eval.ks")
+    from twostage.metrics import METRICS
+    from twostage.text import template_fields
+
+    for name in config.eval.metrics:
+        if name not in METRICS:
+            raise ConfigError(
+                f"unknown ranking metric {name!r}; choose from {', '.join(METRICS)}",
+                key="eval.metrics",
+                suggestion=_suggest(name, list(METRICS)),
+            )
+    unknown = set(template_fields(config.text.user_template)) - {"history"}
+    if unknown:
+        raise ConfigError(
+            f"the user template has only {{history}}, not {{{sorted(unknown)[0]}}}", key="text.user_template"
+        )
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -57,6 +57,9 @@ class IngestReport:
     rows: int
     rejected: int
     seconds: float
+    # events identical to ones already stored (same user, item, event, value and time): a file loaded twice
+    # would otherwise double the log and put the same item in a user's validation and test targets
+    already_stored: int = 0
 
 
 def _quote(name: str) -> str:
@@ -146,7 +149,9 @@ def ingest_file(
     finally:
         con.execute("DROP TABLE IF EXISTS _src")
         con.execute("DROP TABLE IF EXISTS _bad")
-    return IngestReport(kind, str(path), report[0], report[1], time.perf_counter() - started)
+        con.execute("DROP TABLE IF EXISTS _new")
+    loaded, rejected, already = report
+    return IngestReport(kind, str(path), loaded, rejected, time.perf_counter() - started, already)
 
 
 def _ingest_in_transaction(
@@ -159,7 +164,8 @@ def _ingest_in_transaction(
     event: str,
     part: str,
     separator: str,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
+    """Rows loaded, rows rejected, events skipped as already stored."""
     import duckdb
 
     file = str(path)
@@ -224,12 +230,22 @@ def _ingest_in_transaction(
         con.execute(f"INSERT OR REPLACE INTO items SELECT {select}, now()::TIMESTAMP {good}")
     elif kind == "events":
         base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
-        con.execute(f"INSERT INTO events SELECT {select}, ? + _row {good}", [base])
+        con.execute(f"CREATE TEMP TABLE _new AS SELECT {select}, ? + _row AS seq {good}", [base])
+        same = " AND ".join(
+            f"e.{c} IS NOT DISTINCT FROM n.{c}" for c in ("user_id", "item_id", "event", "value", "ts")
+        )
+        con.execute(
+            f"INSERT INTO events SELECT * FROM _new n WHERE NOT EXISTS (SELECT 1 FROM events e WHERE {same})"
+        )
+        skipped = con.execute(
+            "SELECT count(*) FROM _new n WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = n.seq)"
+        ).fetchone()[0]
+        return total - n_bad - skipped, n_bad, skipped
     elif kind == "queries":
         con.execute(f"INSERT OR REPLACE INTO queries SELECT {select} {good}")
     else:
         con.execute(f"INSERT OR REPLACE INTO judgments SELECT {select} {good}")
-    return total - n_bad, n_bad
+    return total - n_bad, n_bad, 0
 
 
 def _column_sql(

@@ -6,13 +6,14 @@ render items and users the same way, and a held-out item can never leak into a u
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twostage.cowatch import FIELD, SEPARATOR
-from twostage.errors import NotFoundError
-from twostage.text import render_item, render_user
+from twostage.errors import ConfigError, NotFoundError
+from twostage.text import render_item, render_user, template_fields
 
 if TYPE_CHECKING:
     from twostage.config import TextConfig
@@ -41,6 +42,21 @@ class Catalogue:
     @classmethod
     def from_store(cls, store: Store, template: str) -> Catalogue:
         return cls(store.items(), template)
+
+    def check_template(self, template: str, key: str) -> None:
+        """Refuse a template field that no item has: a typo (``{titel}``) would otherwise render every item
+        as empty text and be indexed without a word."""
+        known = {"item_id", "title", "body", "categories", FIELD}
+        for rec in self.records.values():
+            known.update(rec.get("attrs") or {})
+        for name in template_fields(template):
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                raise ConfigError(
+                    f"no item has the field {{{name}}}; fields: {', '.join(sorted(known - {FIELD}))}",
+                    key=key,
+                    suggestion=close[0] if close else None,
+                )
 
     def __len__(self) -> int:
         return len(self.item_ids)
