@@ -62,6 +62,9 @@ class IngestReport:
     already_stored: int = 0
 
 
+_EPOCH_2200 = 7_258_118_400  # 2200-01-01 in epoch seconds
+
+
 def _quote(name: str) -> str:
     """Quote a column name read from a file header (never user SQL) as a DuckDB identifier."""
     return '"' + name.replace('"', '""') + '"'
@@ -81,6 +84,37 @@ def _reader_sql(path: Path) -> str:
 
 
 _LINE_RE = re.compile(r"Line: (\d+)")
+_COLUMNS_RE = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")
+
+
+def _ragged_row(path: Path) -> InputError | None:
+    """The first data row whose field count differs from the header's, as an error; None if all agree.
+
+    DuckDB's sniffer, given a file with such a row among the lines it samples, falls back to reading every
+    line as one column, and the user would be told their columns are missing. Reading the file once with
+    the csv module finds the row that caused it.
+    """
+    import csv
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    delimiter = "\t" if ".tsv" in path.suffixes else ","
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            rows = csv.reader(f, delimiter=delimiter)
+            header = next(rows, None)
+            if header is None or len(header) < 2:
+                return None
+            for n, row in enumerate(rows, start=1):
+                if row and len(row) != len(header):
+                    return InputError(
+                        f"expected {len(header)} fields as in the header, found {len(row)}",
+                        file=str(path),
+                        row=n,
+                    )
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return None
+    return None
 
 
 def _reader_error(path: Path, error: Exception) -> InputError:
@@ -89,11 +123,13 @@ def _reader_error(path: Path, error: Exception) -> InputError:
     row = None
     if m := _LINE_RE.search(text):
         row = max(int(m.group(1)) - 1, 1)
-    if "unicode" in text.lower() or "utf-8" in text.lower() or "utf8" in text.lower():
+    first = next((ln for ln in text.splitlines() if ln.strip()), text).strip()
+    if m := _COLUMNS_RE.search(text):
+        reason = f"expected {m.group(1)} fields as in the header, found {m.group(2)}"
+    elif "invalid unicode" in text.lower() or "not utf-8" in text.lower():
         reason = "not UTF-8 encoded; convert it to UTF-8 (e.g. iconv -t UTF-8)"
     else:
-        first = next((ln for ln in text.splitlines() if ln.strip()), text)
-        reason = f"cannot be read: {first.strip()}"
+        reason = f"cannot be read: {first}"
     return InputError(reason, file=str(path), row=row)
 
 
@@ -172,9 +208,12 @@ def _ingest_in_transaction(
     try:
         con.execute(f"CREATE TEMP TABLE _src AS SELECT * FROM {reader}", [file])
     except duckdb.Error as e:
-        raise _reader_error(path, e) from e
+        ragged = _ragged_row(path) if reader.startswith("read_csv") and "sniffing" in str(e) else None
+        raise (ragged or _reader_error(path, e)) from e
     described = con.execute("DESCRIBE _src").fetchall()
     columns = {name: ctype for name, ctype, *_ in described}
+    if reader.startswith("read_csv") and len(columns) == 1 and (ragged := _ragged_row(path)):
+        raise ragged
     total = con.execute("SELECT count(*) FROM _src").fetchone()[0]
     if total == 0:
         raise InputError("file has no data rows", file=file)
@@ -300,6 +339,13 @@ def _column_sql(
             checks.append(
                 f"SELECT _row, {label}, 'not a timestamp (epoch seconds or ISO 8601): ' || {as_text} FROM _src "
                 f"WHERE {q} IS NOT NULL AND {as_text} <> '' AND ({expr}) IS NULL"
+            )
+            # epoch milliseconds read as seconds land tens of thousands of years ahead and order nothing wrong
+            # enough to notice; refuse them instead of storing the year 32000
+            checks.append(
+                f"SELECT _row, {label}, 'epoch seconds after the year 2200: ' || {as_text} || "
+                f"' (milliseconds? divide by 1000)' FROM _src "
+                f"WHERE abs(TRY_CAST({q} AS DOUBLE)) >= {_EPOCH_2200} AND ({expr}) IS NOT NULL"
             )
         elif ctype == "list":
             if columns[src].endswith("[]"):
