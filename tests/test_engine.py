@@ -189,6 +189,8 @@ def test_search_and_errors(trained_project):
         engine.search("   ")
     with pytest.raises(NotFoundError, match="unknown user 'nobody'"):
         engine.recommend("nobody")
+    with pytest.raises(TwostageError, match=r"MMR λ in \[0, 1\]"):
+        engine.recommend("3", diversify=2.0)
     with pytest.raises(NotFoundError, match="no index"):
         engine.index("missing")
 
@@ -225,6 +227,11 @@ def test_index_refuses_other_model(trained_project, tiny_bert_path):
     engine = Engine.open(trained_project, overrides={"text.item_template": "{title} only"})
     with pytest.raises(IndexMismatchError, match="text_fingerprint"):
         engine.index()
+    # how users become text does not change item vectors: the index still serves
+    engine = Engine.open(
+        trained_project, overrides={"text.user_template": "Seen: {history}", "text.history_size": 3}
+    )
+    assert len(engine.recommend("3", k=2, stage="recall").hits) == 2
 
 
 def test_concurrent_requests_match_sequential(trained_project):
@@ -314,3 +321,29 @@ def test_a_template_field_no_item_has_is_refused(trained_project):
         engine = Engine.open(trained_project, overrides={key: "{title} ({yeer})"})
         with pytest.raises(ConfigError, match=key):
             engine.build_index()
+
+
+def test_index_update_re_encodes_items_whose_text_changed(trained_project, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    project = tmp_path / "copy"
+    shutil.copytree(trained_project, project)
+    engine = Engine.open(project)
+    assert engine.update_index()["count"] == len(engine.catalogue())  # nothing stale: nothing changes
+    item = engine.catalogue().item_ids[0]
+    before = engine.index().vectors([item])[0]
+    untouched = engine.catalogue().item_ids[1]
+    kept = engine.index().vectors([untouched])[0]
+    (tmp_path / "retitle.csv").write_text(f"item_id,title\n{item},A completely different film\n")
+    engine.ingest(tmp_path / "retitle.csv", "items")
+    engine.update_index()
+    fresh = Engine.open(project)
+    index = fresh.index()
+    assert not np.allclose(before, index.vectors([item])[0], atol=1e-3)
+    assert np.array_equal(kept, index.vectors([untouched])[0])
+    text = fresh.catalogue().text(item)
+    assert text.startswith("A completely different film")
+    expected = fresh.retriever().encode([text])
+    assert np.allclose(index.vectors([item])[0], np.asarray(expected)[0], atol=1e-4)

@@ -58,9 +58,15 @@ def test_ingest_items_and_events(store):
 
 
 def test_reingest_items_updates_and_events_append(store, tmp_path):
+    store.ingest(write(tmp_path, "tags.csv", "item_id,tags\n1,heist\n"), "items")
     store.ingest(write(tmp_path, "items2.csv", "item_id,title\n1,Heat (1995 remaster)\n4,New\n"), "items")
     assert store.count("items") == 4
-    assert store.items(["1"])[0]["title"] == "Heat (1995 remaster)"
+    heat = store.items(["1"])[0]
+    assert heat["title"] == "Heat (1995 remaster)"
+    # patched, not replaced: the categories the new file lacks and the attrs from the tags file stay
+    assert heat["categories"] == ["Action", "Crime"]
+    assert heat["attrs"]["tags"] == "heist"
+    assert not store.items(["4"])[0]["categories"]
     store.ingest(
         write(tmp_path, "e2.csv", "user,item,ts\nu3,4,500\n"),
         "events",
@@ -165,6 +171,14 @@ def test_extra_columns_go_to_attrs(tmp_path):
             "user,item,rating,ts\n" + "u1,1,5,100\n" * 3000 + "u1,2,4\n",
             EVENT_MAP,
             "short.csv:row 3001: expected 4 fields as in the header, found 3",
+        ),
+        (
+            "events",
+            "typo_map.csv",
+            "user,item,rating,ts\nu1,1,5,100\n",
+            {**EVENT_MAP, "userid": "user"},
+            "--map names unknown column(s) ['userid']; events columns are user_id, item_id, event, value, ts "
+            "(did you mean 'user_id'?)",
         ),
         ("items", "empty.csv", "", None, "empty.csv: file is empty"),
         ("items", "header_only.csv", "item_id,title\n", None, "header_only.csv: file has no data rows"),

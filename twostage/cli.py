@@ -341,7 +341,7 @@ def index_build(ctx, name, build_name, out: Output) -> None:
 @output_options
 @click.pass_context
 def index_add(ctx, item_ids, name, out: Output) -> None:
-    """Add or re-encode items (all items missing from the index when none are named), without a rebuild.
+    """Add or re-encode items without a rebuild; with none named, every item that is new or whose text changed.
 
     Example: twostage index add 193609 193587
     """

@@ -281,7 +281,11 @@ class Engine:
         }
 
     def _text_fingerprint(self) -> str:
-        return self.config.hash("text")
+        """What item vectors depend on in ``[text]``: the item template only (user settings do not)."""
+        import hashlib
+
+        template = self.config.text.item_template
+        return hashlib.sha256(f"item_template={template}".encode()).hexdigest()[:16]
 
     def item_vectors(self, encoder: BiEncoder, item_ids: list[str] | None = None) -> tuple[list[str], Any]:
         """Embeddings of catalogue items, through the project's embedding cache (only changed texts re-encode)."""
@@ -318,8 +322,8 @@ class Engine:
     def update_index(
         self, item_ids: list[str] | None = None, *, remove: list[str] | None = None, name: str | None = None
     ) -> dict[str, Any]:
-        """Add or re-encode ``item_ids`` (all items missing from the index when None) and drop ``remove``,
-        without a full rebuild.
+        """Add or re-encode ``item_ids`` and drop ``remove``, without a full rebuild. With ``item_ids`` None,
+        every item missing from the index or whose text changed since it was indexed.
 
         Copy-on-write: a private copy is changed and saved, then swapped in, so searches running in other
         threads never see a half-updated index.
@@ -335,18 +339,37 @@ class Engine:
         if remove:
             index.remove(remove)
         if item_ids is None:
-            item_ids = [i for i in catalogue.item_ids if i not in index]
-        if item_ids:
+            ids, vecs = self._stale_vectors(encoder, index)
+        else:
             unknown = [i for i in item_ids if i not in catalogue]
             if unknown:
                 raise NotFoundError(f"unknown item_id '{unknown[0]}'; ingest it first")
-            ids, vecs = self.item_vectors(encoder, item_ids)
+            ids, vecs = self.item_vectors(encoder, item_ids) if item_ids else ([], None)
+        if ids:
             index.upsert(ids, vecs)
+            logger.info("index: %d items added or re-encoded", len(ids))
         index.save(path)
         with self._lock:
             self._indexes[str(path)] = index
             self._pipeline = None
         return dict(index.manifest)
+
+    def _stale_vectors(self, encoder: BiEncoder, index: VectorIndex) -> tuple[list[str], Any]:
+        """Items missing from ``index`` or whose text changed since they were indexed, with their vectors.
+
+        Every item goes through the embedding cache, so only new and changed texts are encoded; a changed
+        text shows as a vector that differs from the indexed one.
+        """
+        import numpy as np
+
+        ids, vecs = self.item_vectors(encoder)
+        present = [n for n, i in enumerate(ids) if i in index]
+        stale = sorted(set(range(len(ids))) - set(present))
+        if present:
+            indexed = index.vectors([ids[n] for n in present])
+            moved = np.abs(indexed - vecs[present]).max(axis=1) > 1e-3
+            stale = sorted(stale + [present[j] for j in np.flatnonzero(moved)])
+        return [ids[n] for n in stale], vecs[stale]
 
     def index(self, name: str | None = None) -> VectorIndex:
         """The saved index, checked against the current bi-encoder and text config."""
@@ -420,6 +443,8 @@ class Engine:
             explain: attach to each hit the history items that drove it (leave-one-out on the context).
             diversify: MMR λ in [0, 1] (1 = no diversification); None uses the config's ``reranker.mmr_lambda``.
         """
+        if diversify is not None and not 0.0 <= diversify <= 1.0:
+            raise TwostageError(f"diversify is an MMR λ in [0, 1] (1 = none), got {diversify}")
         request = live_user_request(
             self.store,
             self.catalogue(),

@@ -9,6 +9,7 @@ that reach SQL are column names read from the file's own header, and they are qu
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from collections.abc import Mapping
@@ -220,9 +221,11 @@ def _ingest_in_transaction(
     targets = _COLUMNS[kind]
     unknown = set(mapping) - {t for t, _, _ in targets}
     if unknown:
+        names = [t for t, _, _ in targets]
+        close = [m for u in sorted(unknown) for m in difflib.get_close_matches(u, names, n=1)]
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise InputError(
-            f"--map names unknown column(s) {sorted(unknown)}; {kind} columns are "
-            f"{', '.join(t for t, _, _ in targets)}",
+            f"--map names unknown column(s) {sorted(unknown)}; {kind} columns are {', '.join(names)}{hint}",
             file=file,
         )
     lower = {c.lower(): c for c in columns}
@@ -266,7 +269,17 @@ def _ingest_in_transaction(
     select = ", ".join(f"{expr} AS {name}" for name, expr in exprs)
     good = "FROM _src WHERE _row NOT IN (SELECT _row FROM _bad)"
     if kind == "items":
-        con.execute(f"INSERT OR REPLACE INTO items SELECT {select}, now()::TIMESTAMP {good}")
+        # an item loaded again is patched, not replaced: columns the file lacks keep their values, attrs
+        # keys merge (tags attached from another file survive a new titles file)
+        given = [t for t, _, _ in _COLUMNS["items"][1:] if source[t] is not None]
+        updates = [f"{c} = excluded.{c}" for c in given]
+        updates.append(
+            "attrs = json_merge_patch(coalesce(items.attrs, '{}'), coalesce(excluded.attrs, '{}'))"
+        )
+        con.execute(
+            f"INSERT INTO items SELECT {select}, now()::TIMESTAMP {good} "
+            f"ON CONFLICT (item_id) DO UPDATE SET {', '.join(updates)}, updated_at = excluded.updated_at"
+        )
     elif kind == "events":
         base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         con.execute(f"CREATE TEMP TABLE _new AS SELECT {select}, ? + _row AS seq {good}", [base])
