@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from twostage.config import Config, RelevanceConfig, SplitConfig
-from twostage.errors import InputError, NotFoundError
+from twostage.errors import InputError, NotFoundError, TwostageError
 from twostage.store import Store
 
 ITEMS = "item_id,title,genres\n1,Heat (1995),Action|Crime\n2,Casino (1995),Crime|Drama\n3,Toy Story (1995),Animation\n"
@@ -322,3 +322,27 @@ def test_full_ratings_ingest_is_fast(tmp_path):
     )
     assert time.perf_counter() - started < 10
     assert s.count("events") == 100836
+
+
+def test_a_store_held_by_another_process_is_named_with_its_pid(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "held.duckdb"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, sys; c = duckdb.connect({str(path)!r}); print('ok', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(TwostageError, match=rf"open in another process \(PID {holder.pid}\)"):
+            Store(path)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

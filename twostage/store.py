@@ -10,6 +10,7 @@ from them. Every value is a ``?`` parameter.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,6 +68,9 @@ USER_CUTOFFS = """
 """
 
 
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in .*\(PID (\d+)\)")
+
+
 class Store:
     """One DuckDB database file per project.
 
@@ -83,6 +87,11 @@ class Store:
         try:
             self.con: duckdb.DuckDBPyConnection = duckdb.connect(self.path, read_only=read_only)
         except duckdb.Error as e:
+            if held := _LOCK_HOLDER.search(str(e)):
+                raise TwostageError(
+                    f"{self.path}: the project is open in another process (PID {held.group(1)}); one process "
+                    "at a time can use a project: wait for it to finish or stop it"
+                ) from e
             raise TwostageError(f"{self.path}: cannot open the store: {e}") from e
         self.con.execute("SET TimeZone = 'UTC'")
         if not read_only:
