@@ -287,3 +287,29 @@ def test_tune_only_chooses_the_serving_weights_again(tmp_path, tiny_bert_path, m
 
 def _z(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / x.std() if x.std() > 0 else np.zeros(len(x))
+
+
+def test_tuning_scores_only_requests_in_reach_and_chooses_as_if_it_scored_all(
+    tmp_path, tiny_bert_path, monkeypatch
+):
+    import twostage.engine as engine_module
+
+    project = _trained_with_cowatch(tmp_path, tiny_bert_path)
+    scored: list[int] = []
+    real_score = Reranker.score
+
+    def counting(self, pairs, **kw):
+        scored.append(len(pairs))
+        return real_score(self, pairs, **kw)
+
+    monkeypatch.setattr(Reranker, "score", counting)
+    skipping = Engine.open(project).tune_reranker()
+    skipped_pairs = sum(scored)
+    scored.clear()
+    monkeypatch.setattr(engine_module, "_in_reach", lambda candidates, judged: True)
+    everything = Engine.open(project).tune_reranker()
+    # requests without a positive among their candidates were not scored, and nothing chosen changed
+    assert 0 < skipped_pairs < sum(scored)
+    assert np.allclose(np.asarray(skipping["weight_grid"]), np.asarray(everything["weight_grid"]))
+    for key in ("depth_sweep", "fusion_weight", "cowatch_weight", "rerank_depth"):
+        assert skipping[key] == pytest.approx(everything[key]), key

@@ -347,3 +347,16 @@ def test_index_update_re_encodes_items_whose_text_changed(trained_project, tmp_p
     assert text.startswith("A completely different film")
     expected = fresh.retriever().encode([text])
     assert np.allclose(index.vectors([item])[0], np.asarray(expected)[0], atol=1e-4)
+
+
+def test_training_on_a_handful_of_lists_is_warned_about(trained_project, tmp_path, caplog):
+    import logging
+    import shutil
+
+    project = tmp_path / "copy"
+    shutil.copytree(trained_project, project)
+    with caplog.at_level(logging.WARNING, logger="twostage"):
+        Engine.open(project).train_reranker()
+    warned = [r.getMessage() for r in caplog.records if r.name == "twostage.engine"]
+    assert any("training lists from 12 requests" in m and "max_train_requests" in m for m in warned)
+    assert any("validation lists from" in m and "eval_requests" in m for m in warned)

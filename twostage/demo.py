@@ -47,8 +47,8 @@ depth = 100
 max_length = 96
 depth = 15
 list_size = 8
-max_train_requests = 160
-eval_requests = 30
+max_train_requests = 200
+eval_requests = 300
 train_batch_size = 4
 learning_rate = 5e-5
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -690,11 +690,22 @@ class Engine:
             [Candidate(i, pipe.rerank_text(i), s, len(pipe.watched_with(r, i))) for i, s in cands]
             for r, cands in zip(val.requests, stage1, strict=True)
         ]
-        scores = reranker.score(
-            [(r.text, c.text) for r, cands in zip(val.requests, lists, strict=True) for c in cands]
-        )
-        starts = np.cumsum([0] + [len(c) for c in lists])
         judged = [val.relevant[r.request_id] for r in val.requests]
+        # a request with no positive among its candidates scores nDCG@10 = 0 whatever stage 2 does, so the
+        # cross-encoder scores only the others (on next-item recommendation most requests are such)
+        scores = np.zeros(sum(len(c) for c in lists))
+        starts = np.cumsum([0] + [len(c) for c in lists])
+        reachable = [n for n, cands in enumerate(lists) if _in_reach(cands, judged[n])]
+        pairs = [(val.requests[n].text, c.text) for n in reachable for c in lists[n]]
+        if pairs:
+            scored = iter(np.asarray(reranker.score(pairs), dtype=np.float64))
+            for n in reachable:
+                scores[starts[n] : starts[n + 1]] = [next(scored) for _ in lists[n]]
+        logger.info(
+            "tuning stage 2 on %d validation requests (%d with a positive in reach)",
+            len(lists),
+            len(reachable),
+        )
 
         def ndcg10(weight: float, cowatch: float, depth: int) -> float:
             heads = [
@@ -844,6 +855,11 @@ class Engine:
             if val.requests
             else None
         )
+        _warn_if_few("training lists", len(train_lists), len(labelled), window, "max_train_requests")
+        if val.requests:
+            _warn_if_few(
+                "validation lists", len(val_lists or []), len(val.requests), cfg.depth, "eval_requests"
+            )
         self.models_dir("reranker").parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".reranker-", dir=self.models_dir("reranker").parent))
         result = train_reranker(
@@ -930,6 +946,30 @@ def _validation_corpus(
     rest = sorted(i for i in texts if i not in keep)
     extra = random.Random(seed).sample(rest, max(0, min(len(rest), size - len(keep))))
     return {i: texts[i] for i in sorted(keep | set(extra))}
+
+
+# Below this many lists a listwise model, or the weights chosen on validation, rest on very little.
+FEW_LISTS = 30
+
+
+def _warn_if_few(what: str, kept: int, asked: int, depth: int, budget: str) -> None:
+    """Say when reranker training or tuning runs on a handful of lists: a request only makes a list when
+    stage 1 retrieves one of its positives within ``depth``, so few can survive a small budget."""
+    if kept < FEW_LISTS:
+        logger.warning(
+            "reranker: only %d %s from %d requests (a request makes a list only when stage 1 retrieves one "
+            "of its positives within its top %d); raise [reranker] %s or depth for results that rest on more",
+            kept,
+            what,
+            asked,
+            depth,
+            budget,
+        )
+
+
+def _in_reach(candidates: Sequence[Any], judged: Mapping[str, float]) -> bool:
+    """Whether stage 2 can move a positive into the top: one of the judged items is among the candidates."""
+    return any(c.item_id in judged for c in candidates)
 
 
 def _retrieved(candidates: list[tuple[str, str]], positives: Mapping[str, float]) -> bool:
