@@ -334,3 +334,35 @@ def test_a_fresh_head_is_announced_once_in_our_words(tiny_bert_path, tmp_path, c
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     # the libraries' own levels are back as they were
     assert logging.getLogger("transformers").getEffectiveLevel() <= logging.WARNING
+
+
+def test_lora_with_early_stopping_saves_the_best_evaluated_weights(tiny_bert_path, tmp_path, caplog):
+    import logging
+
+    from twostage.rerank import Reranker
+
+    pytest.importorskip("peft")
+    with caplog.at_level(logging.WARNING):
+        result = train_reranker(
+            LISTS * 4,
+            output_dir=tmp_path / "lora",
+            base_model=str(tiny_bert_path),
+            val_lists=LISTS,
+            lora=True,
+            epochs=6,
+            learning_rate=5e-2,
+            warmup_ratio=0.0,
+            eval_steps=1,
+            patience=3,
+            device="cpu",
+            seed=0,
+        )
+    # no failed best-checkpoint reload (it used to restore the head alone, leaving the adapters at the end)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    record = json.loads((tmp_path / "lora" / "training.json").read_text())
+    assert record["best_metric"] == pytest.approx(record["metrics"]["ndcg@10"])
+    # the saved (merged) model is the one that scored the recorded best on validation
+    rr = Reranker(tmp_path / "lora", device="cpu", max_length=256)
+    flat = rr.score([(rl.request, d) for rl in LISTS for d in rl.docs])
+    ndcgs = [ndcg_at_k(LISTS[0].labels, flat[:4]), ndcg_at_k(LISTS[1].labels, flat[4:])]
+    assert float(np.mean(ndcgs)) == pytest.approx(result.best_metric, abs=1e-6)

@@ -303,6 +303,43 @@ def _add_lora(model: CrossEncoder) -> Any:
     return tuner
 
 
+def _best_adapter_keeper(model: Any, patience: int) -> Any:
+    """Early stopping for LoRA runs that keeps the best adapter and head weights in memory.
+
+    The trainer's own best-checkpoint reload rebuilds a plain CrossEncoder, whose keys do not match an
+    adapted model's: it would restore the head from the best step and leave the adapters at the last one.
+    """
+    from transformers import TrainerCallback
+
+    class BestAdapter(TrainerCallback):
+        def __init__(self) -> None:
+            self.best: float | None = None
+            self.best_step = 0
+            self.waited = 0
+            self.weights: dict[str, Any] = {}
+
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+        ) -> None:
+            value = (metrics or {}).get(METRIC_FOR_BEST)
+            if value is None:
+                return
+            if self.best is None or value > self.best:
+                self.best, self.best_step, self.waited = float(value), int(state.global_step), 0
+                self.weights = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            else:
+                self.waited += 1
+                if self.waited >= patience:
+                    control.should_training_stop = True
+
+        def restore(self) -> None:
+            if self.weights:
+                unexpected = model.load_state_dict(self.weights, strict=False).unexpected_keys
+                assert not unexpected, unexpected
+
+    return BestAdapter()
+
+
 def _merge_lora(tuner: Any) -> None:
     """Fold the adapters into the base weights so the saved dir loads as a plain CrossEncoder."""
     tuner.merge_and_unload()
@@ -422,10 +459,10 @@ def train_reranker(
             data_seed=seed,
             eval_strategy=strategy,
             eval_steps=eval_steps,
-            save_strategy="best" if evaluator is not None else "no",
+            save_strategy="best" if evaluator is not None and tuner is None else "no",
             save_only_model=True,
             save_total_limit=1,
-            load_best_model_at_end=evaluator is not None,
+            load_best_model_at_end=evaluator is not None and tuner is None,
             metric_for_best_model=METRIC_FOR_BEST if evaluator is not None else None,
             greater_is_better=True,
             logging_steps=max(1, min(50, steps_per_epoch)),
@@ -436,7 +473,15 @@ def train_reranker(
             dataloader_pin_memory=torch.cuda.is_available() and device != "cpu",
             use_cpu=device == "cpu",
         )
-        callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)] if evaluator is not None else []
+        best_adapter = (
+            _best_adapter_keeper(model.model, patience) if evaluator is not None and tuner else None
+        )
+        if best_adapter is not None:
+            callbacks = [best_adapter]
+        elif evaluator is not None:
+            callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)]
+        else:
+            callbacks = []
         trainer = CrossEncoderTrainer(
             model=model,
             args=args,
@@ -450,7 +495,11 @@ def train_reranker(
         seconds = time.perf_counter() - started
         steps = int(trainer.state.global_step)
         best_metric = None if evaluator is None else trainer.state.best_metric
-        metrics = _best_metrics(trainer.state.log_history, trainer.state.best_model_checkpoint)
+        best_checkpoint = trainer.state.best_model_checkpoint
+        if best_adapter is not None:
+            best_adapter.restore()
+            best_metric, best_checkpoint = best_adapter.best, f"checkpoint-{best_adapter.best_step}"
+        metrics = _best_metrics(trainer.state.log_history, best_checkpoint)
         if evaluator is None:
             metrics = {"train_loss": float(output.training_loss)}
         if tuner is not None:
