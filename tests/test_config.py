@@ -45,6 +45,9 @@ def test_values_and_tuples(tmp_path):
         ("[eval]\nks = [0, 10]\n", "eval.ks: cut-offs must be at least 1, got [0, 10]"),
         ("[eval]\nmetrics = ['ndgc']\n", "eval.metrics: unknown ranking metric 'ndgc'"),
         ("[text]\nuser_template = 'Likes: {hist}'\n", "text.user_template: the user template has only"),
+        ("[eval]\nbootstrap = 0\n", "eval.bootstrap: must be at least 1, got 0"),
+        ("[retriever]\nlearning_rate = inf\n", "retriever.learning_rate: must be a finite number, got inf"),
+        ("[reranker]\ncowatch_weight = inf\n", "reranker.cowatch_weight: must be a finite number"),
     ],
 )
 def test_bad_config_names_key(tmp_path, toml, message):
@@ -63,3 +66,9 @@ def test_replace_overrides_and_hash():
     assert base.hash("reranker") != changed.hash("reranker")
     with pytest.raises(ConfigError, match="did you mean 'depth'"):
         base.replace({"reranker.dept": 3})
+
+
+def test_zero_validation_requests_means_training_without_validation(tmp_path):
+    (tmp_path / "twostage.toml").write_text("[retriever]\neval_requests = 0\n[reranker]\neval_requests = 0\n")
+    config = load_config(tmp_path)
+    assert (config.retriever.eval_requests, config.reranker.eval_requests) == (0, 0)

@@ -345,6 +345,9 @@ def test_index_update_re_encodes_items_whose_text_changed(trained_project, tmp_p
     assert np.array_equal(kept, index.vectors([untouched])[0])
     text = fresh.catalogue().text(item)
     assert text.startswith("A completely different film")
+    # removing items and syncing in one call does not put the removed ones back
+    gone = fresh.catalogue().item_ids[2]
+    assert gone not in fresh.update_index(remove=[gone]) and gone not in Engine.open(project).index()
     expected = fresh.retriever().encode([text])
     assert np.allclose(index.vectors([item])[0], np.asarray(expected)[0], atol=1e-4)
 

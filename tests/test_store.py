@@ -15,6 +15,7 @@ from twostage.store import Store
 ITEMS = "item_id,title,genres\n1,Heat (1995),Action|Crime\n2,Casino (1995),Crime|Drama\n3,Toy Story (1995),Animation\n"
 EVENTS = "user,item,rating,ts\nu1,1,5,100\nu1,2,3,200\nu1,3,4,300\nu2,1,4,150\nu2,3,2,250\nu2,2,5,260\n"
 EVENT_MAP = {"user_id": "user", "item_id": "item", "value": "rating"}
+CLICK_MAP = {"user_id": "user", "item_id": "item"}
 
 
 def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
@@ -67,6 +68,9 @@ def test_reingest_items_updates_and_events_append(store, tmp_path):
     assert heat["categories"] == ["Action", "Crime"]
     assert heat["attrs"]["tags"] == "heist"
     assert not store.items(["4"])[0]["categories"]
+    # an empty cell in a later file does not delete what an earlier one stored
+    store.ingest(write(tmp_path, "tags2.csv", "item_id,tags,brand\n1,,acme\n"), "items")
+    assert store.items(["1"])[0]["attrs"] == {"tags": "heist", "brand": "acme"}
     store.ingest(
         write(tmp_path, "e2.csv", "user,item,ts\nu3,4,500\n"),
         "events",
@@ -88,6 +92,21 @@ def test_events_already_stored_are_skipped_so_a_second_load_changes_nothing(stor
     assert store.count("events") == 9
     seqs = [r[0] for r in store.con.execute("SELECT seq FROM events ORDER BY seq").fetchall()]
     assert len(set(seqs)) == len(seqs)  # the order of events stays a strict one
+    # one stored copy matches one row: two identical clicks in a later export, one of them stored, add one
+    store.ingest(
+        write(tmp_path, "c1.csv", "user,item,ts\nu1,3,900\n"), "events", mapping=CLICK_MAP, event="click"
+    )
+    export = store.ingest(
+        write(tmp_path, "c2.csv", "user,item,ts\nu1,3,900\nu1,3,900\n"),
+        "events",
+        mapping=CLICK_MAP,
+        event="click",
+    )
+    assert (export.rows, export.already_stored) == (1, 1)
+    assert (
+        store.sql("SELECT count(*) FROM events WHERE event = 'click' AND ts = to_timestamp(900)")[1][0][0]
+        == 2
+    )
     # another event type for the same (user, item, time) is not a duplicate
     clicks = store.ingest(tmp_path / "events.csv", "events", mapping=EVENT_MAP, event="click")
     assert (clicks.rows, clicks.already_stored) == (6, 0)
@@ -156,7 +175,7 @@ def test_extra_columns_go_to_attrs(tmp_path):
             "millis.csv",
             "user,item,rating,ts\nu1,1,5,964982703\nu1,2,4,964982703000\n",
             EVENT_MAP,
-            "millis.csv:row 2:ts: epoch seconds after the year 2200: 964982703000 (milliseconds? divide by 1000)",
+            "millis.csv:row 2:ts: epoch seconds outside the years 1740–2200: 964982703000 (milliseconds? divide by 1000)",
         ),
         (
             "events",
@@ -179,6 +198,20 @@ def test_extra_columns_go_to_attrs(tmp_path):
             {**EVENT_MAP, "userid": "user"},
             "--map names unknown column(s) ['userid']; events columns are user_id, item_id, event, value, ts "
             "(did you mean 'user_id'?)",
+        ),
+        (
+            "items",
+            "concatenated.csv",
+            "item_id,title\n1,a\n2,b\nitem_id,title,year\n3,c,2000\n4,d,2001\n",
+            None,
+            "concatenated.csv:row 3: expected 2 fields as in the header, found 3",
+        ),
+        (
+            "events",
+            "blank_line.csv",
+            "user,item,rating,ts\nu1,1,5,100\n\nu1,2,4,200\nu1,3,4,300,1\n",
+            EVENT_MAP,
+            "blank_line.csv:row 3: expected 4 fields as in the header, found 5",
         ),
         ("items", "empty.csv", "", None, "empty.csv: file is empty"),
         ("items", "header_only.csv", "item_id,title\n", None, "header_only.csv: file has no data rows"),

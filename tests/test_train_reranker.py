@@ -334,6 +334,18 @@ def test_a_fresh_head_is_announced_once_in_our_words(tiny_bert_path, tmp_path, c
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     # the libraries' own levels are back as they were
     assert logging.getLogger("transformers").getEffectiveLevel() <= logging.WARNING
+    # also when two loads overlap (threads, two engines): the last to finish restores them
+    from twostage.rerank import _expected_fresh_head_notices_silenced
+
+    library = logging.getLogger("sentence_transformers")
+    level = library.level
+    first, second = _expected_fresh_head_notices_silenced(), _expected_fresh_head_notices_silenced()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert library.level == logging.ERROR  # the second load is still running
+    second.__exit__(None, None, None)
+    assert library.level == level
 
 
 def test_lora_with_early_stopping_saves_the_best_evaluated_weights(tiny_bert_path, tmp_path, caplog):

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -340,29 +341,26 @@ _AT_LEAST_ONE = {
         "train_batch_size",
         "max_train_pairs",
         "eval_k",
-        "eval_requests",
         "eval_corpus",
         "patience",
     ),
-    "reranker": (
-        "max_length",
-        "batch_size",
-        "epochs",
-        "train_batch_size",
-        "max_train_requests",
-        "eval_requests",
-        "patience",
-    ),
-    "eval": ("max_requests",),
+    "reranker": ("max_length", "batch_size", "epochs", "train_batch_size", "max_train_requests", "patience"),
+    "eval": ("max_requests", "bootstrap"),
 }
 _AT_LEAST_ZERO = {
     "split": ("min_events",),
-    "retriever": ("hard_negatives", "popularity_weight"),
-    "eval": ("bootstrap",),
+    # 0 validation requests: train without validation (no early stopping, no tuned serving weights)
+    "retriever": ("hard_negatives", "popularity_weight", "eval_requests"),
+    "reranker": ("eval_requests",),
 }
 
 
 def _validate_ranges(config: Config) -> None:
+    for section in dataclasses.fields(config):
+        for f in dataclasses.fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"must be a finite number, got {value}", key=f"{section.name}.{f.name}")
     for bound, table in ((1, _AT_LEAST_ONE), (0, _AT_LEAST_ZERO)):
         for section, keys in table.items():
             for key in keys:

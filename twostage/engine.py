@@ -339,7 +339,7 @@ class Engine:
         if remove:
             index.remove(remove)
         if item_ids is None:
-            ids, vecs = self._stale_vectors(encoder, index)
+            ids, vecs = self._stale_vectors(encoder, index, skip=set(remove or ()))
         else:
             unknown = [i for i in item_ids if i not in catalogue]
             if unknown:
@@ -354,7 +354,9 @@ class Engine:
             self._pipeline = None
         return dict(index.manifest)
 
-    def _stale_vectors(self, encoder: BiEncoder, index: VectorIndex) -> tuple[list[str], Any]:
+    def _stale_vectors(
+        self, encoder: BiEncoder, index: VectorIndex, *, skip: set[str] = frozenset()
+    ) -> tuple[list[str], Any]:
         """Items missing from ``index`` or whose text changed since they were indexed, with their vectors.
 
         Every item goes through the embedding cache, so only new and changed texts are encoded; a changed
@@ -362,7 +364,7 @@ class Engine:
         """
         import numpy as np
 
-        ids, vecs = self.item_vectors(encoder)
+        ids, vecs = self.item_vectors(encoder, [i for i in self.catalogue().item_ids if i not in skip])
         present = [n for n, i in enumerate(ids) if i in index]
         stale = sorted(set(range(len(ids))) - set(present))
         if present:

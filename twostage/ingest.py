@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,31 +88,45 @@ _LINE_RE = re.compile(r"Line: (\d+)")
 _COLUMNS_RE = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")
 
 
-def _ragged_row(path: Path) -> InputError | None:
-    """The first data row whose field count differs from the header's, as an error; None if all agree.
-
-    DuckDB's sniffer, given a file with such a row among the lines it samples, falls back to reading every
-    line as one column, and the user would be told their columns are missing. Reading the file once with
-    the csv module finds the row that caused it.
-    """
+def _csv_rows(path: Path) -> Iterator[list[str]]:
+    """The file's non-blank rows as the csv module splits them (DuckDB skips blank lines too)."""
     import csv
     import gzip
 
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    delimiter = "\t" if ".tsv" in path.suffixes else ","
+    delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        yield from (row for row in csv.reader(f, delimiter=delimiter) if row)
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    import csv
+
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            rows = csv.reader(f, delimiter=delimiter)
-            header = next(rows, None)
-            if header is None or len(header) < 2:
-                return None
-            for n, row in enumerate(rows, start=1):
-                if row and len(row) != len(header):
-                    return InputError(
-                        f"expected {len(header)} fields as in the header, found {len(row)}",
-                        file=str(path),
-                        row=n,
-                    )
+        return next(_csv_rows(path), None)
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return None
+
+
+def _ragged_row(path: Path) -> InputError | None:
+    """The first data row whose field count differs from the header's, as an error; None if all agree.
+
+    Given such a row, DuckDB's sniffer may read every line as one column, take a later line for the header,
+    or find no data rows, and the user would be told something beside the point. Reading the file once with
+    the csv module finds the row that caused it; rows are numbered as everywhere else (blank lines skipped).
+    """
+    import csv
+
+    try:
+        rows = _csv_rows(path)
+        header = next(rows, None)
+        if header is None or len(header) < 2:
+            return None
+        for n, row in enumerate(rows, start=1):
+            if len(row) != len(header):
+                return InputError(
+                    f"expected {len(header)} fields as in the header, found {len(row)}", file=str(path), row=n
+                )
     except (UnicodeDecodeError, csv.Error, OSError):
         return None
     return None
@@ -213,9 +227,11 @@ def _ingest_in_transaction(
         raise (ragged or _reader_error(path, e)) from e
     described = con.execute("DESCRIBE _src").fetchall()
     columns = {name: ctype for name, ctype, *_ in described}
-    if reader.startswith("read_csv") and len(columns) == 1 and (ragged := _ragged_row(path)):
-        raise ragged
     total = con.execute("SELECT count(*) FROM _src").fetchone()[0]
+    # when the sniffer did not read the first line as the header of every row, say which row disagrees
+    sniffed_apart = len(columns) == 1 or total == 0 or list(columns) != _csv_header(path)
+    if reader.startswith("read_csv") and sniffed_apart and (ragged := _ragged_row(path)):
+        raise ragged
     if total == 0:
         raise InputError("file has no data rows", file=file)
     targets = _COLUMNS[kind]
@@ -273,8 +289,10 @@ def _ingest_in_transaction(
         # keys merge (tags attached from another file survive a new titles file)
         given = [t for t, _, _ in _COLUMNS["items"][1:] if source[t] is not None]
         updates = [f"{c} = excluded.{c}" for c in given]
+        # merge-patching {} first drops the file's empty cells, which would otherwise delete stored keys
         updates.append(
-            "attrs = json_merge_patch(coalesce(items.attrs, '{}'), coalesce(excluded.attrs, '{}'))"
+            "attrs = json_merge_patch(coalesce(items.attrs, '{}'), "
+            "json_merge_patch('{}', coalesce(excluded.attrs, '{}')))"
         )
         con.execute(
             f"INSERT INTO items SELECT {select}, now()::TIMESTAMP {good} "
@@ -283,11 +301,16 @@ def _ingest_in_transaction(
     elif kind == "events":
         base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         con.execute(f"CREATE TEMP TABLE _new AS SELECT {select}, ? + _row AS seq {good}", [base])
-        same = " AND ".join(
-            f"e.{c} IS NOT DISTINCT FROM n.{c}" for c in ("user_id", "item_id", "event", "value", "ts")
-        )
+        # one stored event matches one file row: two identical clicks in the file and one in the store add one
+        keys = ("user_id", "item_id", "event", "value", "ts")
+        same = " AND ".join(f"s.{c} IS NOT DISTINCT FROM n.{c}" for c in keys)
         con.execute(
-            f"INSERT INTO events SELECT * FROM _new n WHERE NOT EXISTS (SELECT 1 FROM events e WHERE {same})"
+            f"""INSERT INTO events SELECT n.* EXCLUDE (copy) FROM (
+                    SELECT *, row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY seq) AS copy FROM _new
+                ) n LEFT JOIN (
+                    SELECT {", ".join(keys)}, count(*) AS stored FROM events GROUP BY ALL
+                ) s ON {same}
+                WHERE n.copy > coalesce(s.stored, 0)"""
         )
         skipped = con.execute(
             "SELECT count(*) FROM _new n WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = n.seq)"
@@ -356,7 +379,7 @@ def _column_sql(
             # epoch milliseconds read as seconds land tens of thousands of years ahead and order nothing wrong
             # enough to notice; refuse them instead of storing the year 32000
             checks.append(
-                f"SELECT _row, {label}, 'epoch seconds after the year 2200: ' || {as_text} || "
+                f"SELECT _row, {label}, 'epoch seconds outside the years 1740–2200: ' || {as_text} || "
                 f"' (milliseconds? divide by 1000)' FROM _src "
                 f"WHERE abs(TRY_CAST({q} AS DOUBLE)) >= {_EPOCH_2200} AND ({expr}) IS NOT NULL"
             )

@@ -9,6 +9,7 @@ squash them (and create float32 ties at the extremes) without changing the order
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -68,20 +69,33 @@ def _has_score_head(path: str) -> bool:
     return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
 
 
+_SILENCE_LOCK = threading.Lock()
+_silenced: dict[str, Any] = {"depth": 0, "levels": []}
+
+
 @contextmanager
 def _expected_fresh_head_notices_silenced() -> Iterator[None]:
     """Loading a bi-encoder or plain BERT as a cross-encoder makes sentence-transformers warn "Converting ...
     model" and transformers print a LOAD REPORT listing the missing ``classifier.*`` weights. Both are
-    expected there, and our own one-line message says what matters; real errors still raise."""
+    expected there, and our own one-line message says what matters; real errors still raise.
+
+    Re-entrant across threads: the first to enter lowers the levels, the last to leave restores them.
+    """
     loggers = [logging.getLogger(name) for name in ("sentence_transformers", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    with _SILENCE_LOCK:
+        if _silenced["depth"] == 0:
+            _silenced["levels"] = [lg.level for lg in loggers]
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        _silenced["depth"] += 1
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        with _SILENCE_LOCK:
+            _silenced["depth"] -= 1
+            if _silenced["depth"] == 0:
+                for lg, level in zip(loggers, _silenced["levels"], strict=True):
+                    lg.setLevel(level)
 
 
 def load_cross_encoder(
