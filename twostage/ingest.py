@@ -291,12 +291,17 @@ def _ingest_in_transaction(
         updates = [f"{c} = excluded.{c}" for c in given]
         # merge-patching {} first drops the file's empty cells, which would otherwise delete stored keys
         updates.append(
-            "attrs = json_merge_patch(coalesce(items.attrs, '{}'), "
-            "json_merge_patch('{}', coalesce(excluded.attrs, '{}')))"
+            "attrs = CASE WHEN excluded.attrs IS NULL THEN items.attrs "
+            "ELSE json_merge_patch(coalesce(items.attrs, '{}'), json_merge_patch('{}', excluded.attrs)) END"
+        )
+        # rows that would not change are left alone: rewriting a list column costs DuckDB ~0.3 ms a row
+        changed = " OR ".join(
+            f"items.{u.split(' = ', 1)[0]} IS DISTINCT FROM {u.split(' = ', 1)[1]}" for u in updates
         )
         con.execute(
             f"INSERT INTO items SELECT {select}, now()::TIMESTAMP {good} "
-            f"ON CONFLICT (item_id) DO UPDATE SET {', '.join(updates)}, updated_at = excluded.updated_at"
+            f"ON CONFLICT (item_id) DO UPDATE SET {', '.join(updates)}, updated_at = excluded.updated_at "
+            f"WHERE {changed}"
         )
     elif kind == "events":
         base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
