@@ -150,6 +150,16 @@ def _performance_rows(results: dict[str, dict]) -> list[list[str]]:
                     str(d.get("when", ""))[:10],
                 ]
             )
+            if "reload_events_seconds" in ing:
+                first, again = _median(ing["seconds"]), _median(ing["reload_events_seconds"])
+                rows.append(
+                    [
+                        f"load the same ratings and {ing['items']:,} movies again (all already stored)",
+                        f"ratings {_secs(again)} s (ratio {again / first:.2f} to the first load, "
+                        f"nothing added); movies {_secs(_median(ing['reload_items_seconds']))} s",
+                        str(d.get("when", ""))[:10],
+                    ]
+                )
         if "evaluate" in d:
             ev = d["evaluate"]
             ours, ref = _median(ev["ours_seconds"]), _median(ev["ir_measures_seconds"])
