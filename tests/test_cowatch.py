@@ -306,7 +306,7 @@ def test_tuning_scores_only_requests_in_reach_and_chooses_as_if_it_scored_all(
     skipping = Engine.open(project).tune_reranker()
     skipped_pairs = sum(scored)
     scored.clear()
-    monkeypatch.setattr(engine_module, "_in_reach", lambda candidates, judged: True)
+    monkeypatch.setattr(engine_module, "_retrieved", lambda candidates, positives: True)
     everything = Engine.open(project).tune_reranker()
     # requests without a positive among their candidates were not scored, and nothing chosen changed
     assert 0 < skipped_pairs < sum(scored)

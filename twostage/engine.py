@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -695,18 +695,21 @@ class Engine:
         judged = [val.relevant[r.request_id] for r in val.requests]
         # a request with no positive among its candidates scores nDCG@10 = 0 whatever stage 2 does, so the
         # cross-encoder scores only the others (on next-item recommendation most requests are such)
+        reachable = [_retrieved(cands, judged[n]) for n, cands in enumerate(stage1)]
+        pairs = [
+            (r.text, c.text)
+            for r, cands, ok in zip(val.requests, lists, reachable, strict=True)
+            if ok
+            for c in cands
+        ]
         scores = np.zeros(sum(len(c) for c in lists))
-        starts = np.cumsum([0] + [len(c) for c in lists])
-        reachable = [n for n, cands in enumerate(lists) if _in_reach(cands, judged[n])]
-        pairs = [(val.requests[n].text, c.text) for n in reachable for c in lists[n]]
         if pairs:
-            scored = iter(np.asarray(reranker.score(pairs), dtype=np.float64))
-            for n in reachable:
-                scores[starts[n] : starts[n + 1]] = [next(scored) for _ in lists[n]]
+            scores[np.repeat(reachable, [len(c) for c in lists])] = reranker.score(pairs)
+        starts = np.cumsum([0] + [len(c) for c in lists])
         logger.info(
             "tuning stage 2 on %d validation requests (%d with a positive in reach)",
             len(lists),
-            len(reachable),
+            sum(reachable),
         )
 
         def ndcg10(weight: float, cowatch: float, depth: int) -> float:
@@ -969,13 +972,9 @@ def _warn_if_few(what: str, kept: int, asked: int, depth: int, budget: str) -> N
         )
 
 
-def _in_reach(candidates: Sequence[Any], judged: Mapping[str, float]) -> bool:
-    """Whether stage 2 can move a positive into the top: one of the judged items is among the candidates."""
-    return any(c.item_id in judged for c in candidates)
-
-
-def _retrieved(candidates: list[tuple[str, str]], positives: Mapping[str, float]) -> bool:
-    """Whether stage 1 found at least one positive: only such lists teach the reranker what it will see."""
+def _retrieved(candidates: list[tuple[str, Any]], positives: Mapping[str, float]) -> bool:
+    """Whether stage 1 found at least one positive: only such lists teach the reranker what it will see,
+    and only on such requests can stage 2 change nDCG@10."""
     ids = {i for i, _ in candidates}
     return any(g > 0 and i in ids for i, g in positives.items())
 
