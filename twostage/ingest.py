@@ -287,21 +287,18 @@ def _ingest_in_transaction(
     if kind == "items":
         # an item loaded again is patched, not replaced: columns the file lacks keep their values, attrs
         # keys merge (tags attached from another file survive a new titles file)
-        given = [t for t, _, _ in _COLUMNS["items"][1:] if source[t] is not None]
-        updates = [f"{c} = excluded.{c}" for c in given]
+        updates = {t: f"excluded.{t}" for t, _, _ in _COLUMNS["items"][1:] if source[t] is not None}
         # merge-patching {} first drops the file's empty cells, which would otherwise delete stored keys
-        updates.append(
-            "attrs = CASE WHEN excluded.attrs IS NULL THEN items.attrs "
+        updates["attrs"] = (
+            "CASE WHEN excluded.attrs IS NULL THEN items.attrs "
             "ELSE json_merge_patch(coalesce(items.attrs, '{}'), json_merge_patch('{}', excluded.attrs)) END"
         )
         # rows that would not change are left alone: rewriting a list column costs DuckDB ~0.3 ms a row
-        changed = " OR ".join(
-            f"items.{u.split(' = ', 1)[0]} IS DISTINCT FROM {u.split(' = ', 1)[1]}" for u in updates
-        )
+        changed = " OR ".join(f"items.{c} IS DISTINCT FROM {e}" for c, e in updates.items())
+        sets = ", ".join(f"{c} = {e}" for c, e in updates.items())
         con.execute(
             f"INSERT INTO items SELECT {select}, now()::TIMESTAMP {good} "
-            f"ON CONFLICT (item_id) DO UPDATE SET {', '.join(updates)}, updated_at = excluded.updated_at "
-            f"WHERE {changed}"
+            f"ON CONFLICT (item_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at WHERE {changed}"
         )
     elif kind == "events":
         base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
@@ -309,18 +306,15 @@ def _ingest_in_transaction(
         # one stored event matches one file row: two identical clicks in the file and one in the store add one
         keys = ("user_id", "item_id", "event", "value", "ts")
         same = " AND ".join(f"s.{c} IS NOT DISTINCT FROM n.{c}" for c in keys)
-        con.execute(
+        added = con.execute(
             f"""INSERT INTO events SELECT n.* EXCLUDE (copy) FROM (
                     SELECT *, row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY seq) AS copy FROM _new
                 ) n LEFT JOIN (
                     SELECT {", ".join(keys)}, count(*) AS stored FROM events GROUP BY ALL
                 ) s ON {same}
                 WHERE n.copy > coalesce(s.stored, 0)"""
-        )
-        skipped = con.execute(
-            "SELECT count(*) FROM _new n WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = n.seq)"
         ).fetchone()[0]
-        return total - n_bad - skipped, n_bad, skipped
+        return added, n_bad, total - n_bad - added
     elif kind == "queries":
         con.execute(f"INSERT OR REPLACE INTO queries SELECT {select} {good}")
     else:
