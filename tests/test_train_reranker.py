@@ -35,6 +35,13 @@ LISTS = [
 ]
 
 
+def _validation_ndcg(reranker) -> float:
+    """Mean NDCG@10 of ``reranker`` on LISTS, recomputed as the trainer's evaluator does: all pairs in one
+    pass (a tiny model's scores are close enough that another batch layout can reorder them)."""
+    flat = reranker.score([(rl.request, d) for rl in LISTS for d in rl.docs])
+    return float(np.mean([ndcg_at_k(LISTS[0].labels, flat[:4]), ndcg_at_k(LISTS[1].labels, flat[4:])]))
+
+
 def _tiny_model(path, seed: int = 0, *, spread: bool = False):
     import torch
     from transformers import set_seed
@@ -221,11 +228,7 @@ def test_train_end_to_end_writes_model_and_training_json(tiny_bert_path, tmp_pat
     rr = Reranker(out, device="cpu", max_length=64)
     assert not rr.fresh_head
     # Its validation NDCG@10, recomputed here, is the one recorded.
-    # (All pairs in one pass, as the evaluator does: the tiny model's scores are close enough that another
-    # batch layout can reorder them.)
-    flat = rr.score([(rl.request, d) for rl in LISTS for d in rl.docs])
-    ndcgs = [ndcg_at_k(LISTS[0].labels, flat[:4]), ndcg_at_k(LISTS[1].labels, flat[4:])]
-    assert float(np.mean(ndcgs)) == pytest.approx(record["metrics"]["ndcg@10"], abs=1e-6)
+    assert _validation_ndcg(rr) == pytest.approx(record["metrics"]["ndcg@10"], abs=1e-6)
     base = _tiny_model(tiny_bert_path)
     trained = dict(rr.model.named_parameters())
     assert any(not torch.equal(p, trained[k]) for k, p in base.named_parameters() if k in trained)
@@ -375,6 +378,4 @@ def test_lora_with_early_stopping_saves_the_best_evaluated_weights(tiny_bert_pat
     assert record["best_metric"] == pytest.approx(record["metrics"]["ndcg@10"])
     # the saved (merged) model is the one that scored the recorded best on validation
     rr = Reranker(tmp_path / "lora", device="cpu", max_length=256)
-    flat = rr.score([(rl.request, d) for rl in LISTS for d in rl.docs])
-    ndcgs = [ndcg_at_k(LISTS[0].labels, flat[:4]), ndcg_at_k(LISTS[1].labels, flat[4:])]
-    assert float(np.mean(ndcgs)) == pytest.approx(result.best_metric, abs=1e-6)
+    assert _validation_ndcg(rr) == pytest.approx(result.best_metric, abs=1e-6)
