@@ -313,9 +313,9 @@ def test_a_template_field_no_item_has_is_refused(trained_project):
     from twostage.requests import Catalogue
 
     catalogue = Catalogue([{"item_id": "1", "title": "Heat", "attrs": {"tags": ["heist"]}}], "{title}")
-    catalogue.check_template("{title}. {tags}. {cowatched}", "reranker.item_template")  # attrs keys count
+    catalogue.check_templates({"reranker.item_template": "{title}. {tags}. {cowatched}"})  # attrs keys count
     with pytest.raises(ConfigError, match=r"text.item_template: no item has the field \{titel\}.*'title'"):
-        catalogue.check_template("{titel}. {tags}", "text.item_template")
+        catalogue.check_templates({"text.item_template": "{titel}. {tags}"})
     # the engine checks its templates before anything is rendered, encoded or indexed
     for key in ("text.item_template", "text.history_item_template", "reranker.item_template"):
         engine = Engine.open(trained_project, overrides={key: "{title} ({yeer})"})

@@ -171,11 +171,16 @@ class Engine:
                 catalogue = Catalogue.from_store(self.store, self.config.text.item_template)
                 if not len(catalogue):
                     raise NotFoundError("the store has no items; ingest items first")
-                text = self.config.text
-                catalogue.check_template(text.item_template, "text.item_template")
-                catalogue.check_template(text.history_item_template, "text.history_item_template")
-                if self.config.reranker.item_template is not None:
-                    catalogue.check_template(self.config.reranker.item_template, "reranker.item_template")
+                text, rerank_template = self.config.text, self.config.reranker.item_template
+                catalogue.check_templates(
+                    {
+                        "text.item_template": text.item_template,
+                        "text.history_item_template": text.history_item_template,
+                        **(
+                            {"reranker.item_template": rerank_template} if rerank_template is not None else {}
+                        ),
+                    }
+                )
                 self._catalogue = catalogue
             return self._catalogue
 

@@ -43,20 +43,21 @@ class Catalogue:
     def from_store(cls, store: Store, template: str) -> Catalogue:
         return cls(store.items(), template)
 
-    def check_template(self, template: str, key: str) -> None:
-        """Refuse a template field that no item has: a typo (``{titel}``) would otherwise render every item
-        as empty text and be indexed without a word."""
+    def check_templates(self, templates: Mapping[str, str]) -> None:
+        """Refuse a template field that no item has (``templates``: config key → template): a typo
+        (``{titel}``) would otherwise render every item as empty text and be indexed without a word."""
         known = {"item_id", "title", "body", "categories", FIELD}
         for rec in self.records.values():
             known.update(rec.get("attrs") or {})
-        for name in template_fields(template):
-            if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                raise ConfigError(
-                    f"no item has the field {{{name}}}; fields: {', '.join(sorted(known - {FIELD}))}",
-                    key=key,
-                    suggestion=close[0] if close else None,
-                )
+        for key, template in templates.items():
+            for name in template_fields(template):
+                if name not in known:
+                    close = difflib.get_close_matches(name, sorted(known), n=1)
+                    raise ConfigError(
+                        f"no item has the field {{{name}}}; fields: {', '.join(sorted(known - {FIELD}))}",
+                        key=key,
+                        suggestion=close[0] if close else None,
+                    )
 
     def __len__(self) -> int:
         return len(self.item_ids)

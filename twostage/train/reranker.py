@@ -446,6 +446,7 @@ def train_reranker(
     output_dir = Path(output_dir)
     workdir = tempfile.mkdtemp(prefix="twostage-reranker-")
     started = time.perf_counter()
+    trainer_keeps_best = evaluator is not None and tuner is None
     try:
         strategy = "no" if evaluator is None else ("epoch" if eval_steps is None else "steps")
         args = CrossEncoderTrainingArguments(
@@ -459,10 +460,10 @@ def train_reranker(
             data_seed=seed,
             eval_strategy=strategy,
             eval_steps=eval_steps,
-            save_strategy="best" if evaluator is not None and tuner is None else "no",
+            save_strategy="best" if trainer_keeps_best else "no",
             save_only_model=True,
             save_total_limit=1,
-            load_best_model_at_end=evaluator is not None and tuner is None,
+            load_best_model_at_end=trainer_keeps_best,
             metric_for_best_model=METRIC_FOR_BEST if evaluator is not None else None,
             greater_is_better=True,
             logging_steps=max(1, min(50, steps_per_epoch)),
@@ -473,15 +474,14 @@ def train_reranker(
             dataloader_pin_memory=torch.cuda.is_available() and device != "cpu",
             use_cpu=device == "cpu",
         )
-        best_adapter = (
-            _best_adapter_keeper(model.model, patience) if evaluator is not None and tuner else None
-        )
+        # LoRA runs keep their best weights themselves (see _best_adapter_keeper)
+        best_adapter = _best_adapter_keeper(model.model, patience) if evaluator and tuner else None
         if best_adapter is not None:
             callbacks = [best_adapter]
-        elif evaluator is not None:
-            callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)]
         else:
-            callbacks = []
+            callbacks = (
+                [EarlyStoppingCallback(early_stopping_patience=patience)] if trainer_keeps_best else []
+            )
         trainer = CrossEncoderTrainer(
             model=model,
             args=args,
