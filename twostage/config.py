@@ -8,7 +8,6 @@ because a silently ignored typo is a silently wrong experiment.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, did_you_mean
 
 CONFIG_FILE = "twostage.toml"
 
@@ -217,11 +216,6 @@ class Config:
         return from_dict(data)
 
 
-def _suggest(name: str, choices: list[str]) -> str | None:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the field's type hint, converting lists to tuples where the hint asks."""
     origin = typing.get_origin(hint)
@@ -277,7 +271,7 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     built: dict[str, Any] = {}
     for section, values in data.items():
         if section not in sections:
-            raise ConfigError("unknown section", key=section, suggestion=_suggest(section, list(sections)))
+            raise ConfigError("unknown section", key=section, suggestion=did_you_mean(section, list(sections)))
         if not isinstance(values, Mapping):
             raise ConfigError("expected a table", key=section)
         cls = sections[section].default_factory  # type: ignore[misc]
@@ -287,7 +281,7 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         for key, value in values.items():
             dotted = f"{section}.{key}"
             if key not in hints:
-                raise ConfigError("unknown key", key=dotted, suggestion=_suggest(key, names))
+                raise ConfigError("unknown key", key=dotted, suggestion=did_you_mean(key, names))
             kwargs[key] = _coerce(value, hints[key], dotted)
         built[section] = cls(**kwargs)
     config = Config(**built)
@@ -305,7 +299,7 @@ def _validate(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(
-                f"'{value}' is not one of {allowed}", key=key, suggestion=_suggest(value, allowed)
+                f"'{value}' is not one of {allowed}", key=key, suggestion=did_you_mean(value, allowed)
             )
     if abs(sum(config.split.ratios) - 1.0) > 1e-6:
         raise ConfigError(f"ratios must sum to 1, got {sum(config.split.ratios)}", key="split.ratios")
@@ -389,7 +383,7 @@ def _validate_ranges(config: Config) -> None:
             raise ConfigError(
                 f"unknown ranking metric {name!r}; choose from {', '.join(METRICS)}",
                 key="eval.metrics",
-                suggestion=_suggest(name, list(METRICS)),
+                suggestion=did_you_mean(name, list(METRICS)),
             )
     unknown = set(template_fields(config.text.user_template)) - {"history"}
     if unknown:

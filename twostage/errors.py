@@ -5,7 +5,16 @@ Only ``cli.py`` turns them into exit codes; the library raises and never prints.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to a mistyped ``name``, if one is close enough to suggest (difflib's ratio ≥ 0.6)."""
+    import difflib
+
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
 
 
 class TwostageError(Exception):

@@ -212,9 +212,6 @@ def _write_metrics(
 ) -> None:
     import pyarrow as pa
 
-    cur = store.cursor()
-    cur.execute("DELETE FROM request_metrics WHERE run_id = ? AND stage = ?", [run_id, name])
-    cur.execute("DELETE FROM metrics WHERE run_id = ? AND stage = ?", [run_id, name])
     n = len(request_ids)
     cols: dict[str, list] = {"request_id": [], "metric": [], "k": [], "value": []}
     for (metric, k), v in values.items():
@@ -232,14 +229,16 @@ def _write_metrics(
             "value": pa.array(cols["value"], pa.float64()),
         }
     )
-    cur.register("_rm", table)
-    cur.execute("INSERT INTO request_metrics SELECT * FROM _rm")
-    cur.execute(
-        "INSERT INTO metrics SELECT run_id, stage, metric, k, avg(value) FROM _rm GROUP BY ALL ORDER BY metric, k"
-    )
-    cur.unregister("_rm")
-    for metric, value in extra.items():
-        cur.execute("INSERT INTO metrics VALUES (?, ?, ?, NULL, ?)", [run_id, name, metric, float(value)])
+    with store.transaction() as cur:
+        cur.execute("DELETE FROM request_metrics WHERE run_id = ? AND stage = ?", [run_id, name])
+        cur.execute("DELETE FROM metrics WHERE run_id = ? AND stage = ?", [run_id, name])
+        cur.register("_rm", table)
+        cur.execute("INSERT INTO request_metrics SELECT * FROM _rm")
+        cur.execute(
+            "INSERT INTO metrics SELECT run_id, stage, metric, k, avg(value) FROM _rm GROUP BY ALL ORDER BY metric, k"
+        )
+        for metric, value in extra.items():
+            cur.execute("INSERT INTO metrics VALUES (?, ?, ?, NULL, ?)", [run_id, name, metric, float(value)])
 
 
 def beyond_accuracy(

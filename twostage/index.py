@@ -32,13 +32,13 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from twostage.atomic import replace_dir, staging_dir
 from twostage.errors import (
     ConfigError,
     IndexMismatchError,
@@ -489,11 +489,8 @@ class VectorIndex:
         """
         faiss = _faiss()
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        tmp = staging_dir(target)
         try:
-            tmp.mkdir()
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             ids_bytes = "".join(json.dumps(i) + "\n" for i in self._ids).encode("utf-8")
             _fsync_write(tmp / IDS_FILE, ids_bytes)
@@ -503,18 +500,10 @@ class VectorIndex:
                 os.fsync(f.fileno())
             manifest = {**self.manifest, "ids_sha256": hashlib.sha256(ids_bytes).hexdigest()}
             _fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
-            if target.exists():
-                os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if old.exists():
-                    os.rename(old, target)
-                raise
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(old, ignore_errors=True)
         logger.info("saved index of %d items to %s", self.count, target)
         return target
 

@@ -9,19 +9,18 @@ index module stays about one thing. :mod:`twostage.index` re-exports everything 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import os
 import tomllib
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twostage.errors import ConfigError, NotFoundError
+from twostage.errors import ConfigError, NotFoundError, did_you_mean
 
 # The bundled build configs. ``indexes/<name>.toml`` in the repository holds the same values for users to read
 # and copy (a test keeps the two equal); keeping them in code means an installed package needs no data files.
@@ -34,11 +33,6 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
     "ivf": {"factory": "IVF{nlist},Flat", "nprobe": 64},
     "ivfpq": {"factory": "IVF{nlist},PQ{pq_m}x4fs,RFlat", "nprobe": 64, "k_factor": 16},
 }
-
-
-def _suggest(name: str, choices: Iterable[str]) -> str | None:
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 @dataclass(frozen=True)
@@ -92,7 +86,7 @@ class IndexSpec:
         for key, value in data.items():
             where = f"{source}:{key}" if source else key
             if key not in hints:
-                raise ConfigError("unknown index setting", key=where, suggestion=_suggest(key, hints))
+                raise ConfigError("unknown index setting", key=where, suggestion=did_you_mean(key, hints))
             hint = hints[key]
             allowed = typing.get_args(hint) or (hint,)
             ok = any(
@@ -172,7 +166,7 @@ def load_spec(
             return IndexSpec.from_toml(candidate)
     if text in BUILTIN_SPECS:
         return IndexSpec.from_dict(BUILTIN_SPECS[text], source=f"builtin:{text}")
-    hint = _suggest(text, BUILTIN_SPECS)
+    hint = did_you_mean(text, BUILTIN_SPECS)
     raise NotFoundError(
         f"no index config named {text!r}; use one of {sorted(BUILTIN_SPECS)} or a path to a .toml file"
         + (f" (did you mean '{hint}'?)" if hint else "")

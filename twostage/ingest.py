@@ -9,7 +9,6 @@ that reach SQL are column names read from the file's own header, and they are qu
 
 from __future__ import annotations
 
-import difflib
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from twostage.errors import InputError
+from twostage.errors import InputError, did_you_mean
 
 if TYPE_CHECKING:
     import duckdb
@@ -164,7 +163,8 @@ def ingest_file(
     part: str,
     category_separator: str,
 ) -> IngestReport:
-    """Load one file of ``kind`` over ``con`` in one transaction: the work behind ``Store.ingest``.
+    """Load one file of ``kind`` over ``con``, a cursor inside the transaction ``Store.ingest`` opened (a
+    failure anywhere rolls everything back; the cursor's temporary tables go with it).
 
     See :meth:`twostage.store.Store.ingest` for the arguments (and their defaults).
 
@@ -184,24 +184,15 @@ def ingest_file(
 
     started = time.perf_counter()
     reader = _reader_sql(path)
-    con.execute("BEGIN TRANSACTION")
     try:
-        try:
-            report = _ingest_in_transaction(
-                con, path, kind, reader, dict(mapping or {}), keep_rejects, event, part, category_separator
-            )
-        except duckdb.Error as e:
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), str(e))
-            raise InputError(f"cannot be loaded: {first.strip()}", file=str(path)) from e
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.execute("DROP TABLE IF EXISTS _src")
-        con.execute("DROP TABLE IF EXISTS _bad")
-        con.execute("DROP TABLE IF EXISTS _new")
-    loaded, rejected, already = report
+        loaded, rejected, already = _ingest_in_transaction(
+            con, path, kind, reader, dict(mapping or {}), keep_rejects, event, part, category_separator
+        )
+    except duckdb.Error as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), str(e))
+        raise InputError(f"cannot be loaded: {first.strip()}", file=str(path)) from e
+    for temp in ("_src", "_bad", "_new"):
+        con.execute(f"DROP TABLE IF EXISTS {temp}")
     return IngestReport(kind, str(path), loaded, rejected, time.perf_counter() - started, already)
 
 
@@ -238,7 +229,7 @@ def _ingest_in_transaction(
     unknown = set(mapping) - {t for t, _, _ in targets}
     if unknown:
         names = [t for t, _, _ in targets]
-        close = [m for u in sorted(unknown) for m in difflib.get_close_matches(u, names, n=1)]
+        close = [m for m in (did_you_mean(u, names) for u in sorted(unknown)) if m]
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise InputError(
             f"--map names unknown column(s) {sorted(unknown)}; {kind} columns are {', '.join(names)}{hint}",
@@ -436,7 +427,8 @@ def _column_sql(
 def attach_tags(
     con: duckdb.DuckDBPyConnection, path: str | Path, *, item_column: str, tag_column: str, top: int
 ) -> int:
-    """Put each item's most frequent tags into ``attrs.tags``, in one transaction: see ``Store.attach_tags``.
+    """Put each item's most frequent tags into ``attrs.tags`` over ``con``, a cursor inside the transaction
+    ``Store.attach_tags`` opened.
 
     Returns the number of items that got tags.
     """
@@ -446,34 +438,26 @@ def attach_tags(
     if not path.exists():
         raise InputError("no such file", file=str(path))
     reader = _reader_sql(path)
-    con.execute("BEGIN TRANSACTION")
     try:
-        try:
-            con.execute(f"CREATE TEMP TABLE _tags AS SELECT * FROM {reader}", [str(path)])
-        except duckdb.Error as e:
-            raise _reader_error(path, e) from e
-        columns = [r[0] for r in con.execute("DESCRIBE _tags").fetchall()]
-        for col in (item_column, tag_column):
-            if col not in columns:
-                raise InputError(
-                    f"column missing (columns: {', '.join(columns)})", file=str(path), column=col
-                )
-        i, t = _quote(item_column), _quote(tag_column)
-        n = con.execute(
-            f"""
-            UPDATE items SET attrs = json_merge_patch(coalesce(items.attrs, '{{}}'),
-                                                      json_object('tags', g.tags))
-            FROM (SELECT item_id, list(tag ORDER BY n DESC, tag)[1:?] AS tags
-                  FROM (SELECT trim(CAST({i} AS VARCHAR)) AS item_id, lower(trim({t})) AS tag, count(*) AS n
-                        FROM _tags WHERE {t} IS NOT NULL GROUP BY 1, 2)
-                  GROUP BY 1) g
-            WHERE items.item_id = g.item_id
-            """,
-            [top],
-        ).fetchone()[0]
-        con.execute("DROP TABLE _tags")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        con.execute(f"CREATE TEMP TABLE _tags AS SELECT * FROM {reader}", [str(path)])
+    except duckdb.Error as e:
+        raise _reader_error(path, e) from e
+    columns = [r[0] for r in con.execute("DESCRIBE _tags").fetchall()]
+    for col in (item_column, tag_column):
+        if col not in columns:
+            raise InputError(f"column missing (columns: {', '.join(columns)})", file=str(path), column=col)
+    i, t = _quote(item_column), _quote(tag_column)
+    n = con.execute(
+        f"""
+        UPDATE items SET attrs = json_merge_patch(coalesce(items.attrs, '{{}}'),
+                                                  json_object('tags', g.tags))
+        FROM (SELECT item_id, list(tag ORDER BY n DESC, tag)[1:?] AS tags
+              FROM (SELECT trim(CAST({i} AS VARCHAR)) AS item_id, lower(trim({t})) AS tag, count(*) AS n
+                    FROM _tags WHERE {t} IS NOT NULL GROUP BY 1, 2)
+              GROUP BY 1) g
+        WHERE items.item_id = g.item_id
+        """,
+        [top],
+    ).fetchone()[0]
+    con.execute("DROP TABLE _tags")
     return n

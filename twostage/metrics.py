@@ -19,7 +19,6 @@ Conventions shared by all ranking metrics:
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twostage.errors import ConfigError, InputError
+from twostage.errors import ConfigError, InputError, did_you_mean
 
 __all__ = [
     "METRICS",
@@ -59,11 +58,10 @@ _CHUNK_CELLS = 4_000_000
 # ----------------------------------------------------------------------------------------- names
 def _check_metric(name: str) -> None:
     if name not in _LABELS:
-        close = difflib.get_close_matches(name, list(_LABELS), n=1)
         raise ConfigError(
             f"unknown ranking metric {name!r}; choose from {', '.join(_LABELS)}",
             key="metrics",
-            suggestion=close[0] if close else None,
+            suggestion=did_you_mean(name, _LABELS),
         )
 
 

@@ -6,13 +6,12 @@ render items and users the same way, and a held-out item can never leak into a u
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twostage.cowatch import FIELD, SEPARATOR
-from twostage.errors import ConfigError, NotFoundError
+from twostage.errors import ConfigError, NotFoundError, did_you_mean
 from twostage.text import render_item, render_user, template_fields
 
 if TYPE_CHECKING:
@@ -52,11 +51,10 @@ class Catalogue:
         for key, template in templates.items():
             for name in template_fields(template):
                 if name not in known:
-                    close = difflib.get_close_matches(name, sorted(known), n=1)
                     raise ConfigError(
                         f"no item has the field {{{name}}}; fields: {', '.join(sorted(known - {FIELD}))}",
                         key=key,
-                        suggestion=close[0] if close else None,
+                        suggestion=did_you_mean(name, sorted(known)),
                     )
 
     def __len__(self) -> int:

@@ -26,47 +26,41 @@ def write_split(
     *,
     name: str | None,
 ) -> dict[str, int]:
-    """Write split ``name`` (default: the strategy) in one transaction: the work behind ``Store.split``.
+    """Write split ``name`` (default: the strategy) over ``con``, a cursor inside the transaction ``Store.split``
+    opened: the work behind it.
 
     Returns the number of requests in each held-out part.
     """
     name = name or config.strategy
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute("DELETE FROM splits WHERE split = ?", [name])
-        con.execute("DELETE FROM split_info WHERE split = ?", [name])
-        if config.strategy == "given":
-            if not con.execute("SELECT count(*) FROM judgments").fetchone()[0]:
-                raise NotFoundError("a 'given' split needs judgments; ingest qrels first")
-            con.execute(
-                "INSERT INTO splits SELECT ?, part, 'query', query_id, item_id, relevance, NULL, NULL "
-                "FROM judgments WHERE relevance > 0",
-                [name],
-            )
-        else:
-            if not con.execute("SELECT count(*) FROM events").fetchone()[0]:
-                raise NotFoundError("this split needs events; ingest events first")
-            grade_sql, grade_params = grade_expression(relevance)
-            if config.strategy == "leave-last-out":
-                _leave_last_out(con, name, config, grade_sql, grade_params)
-            elif config.by == "time":
-                _ratio_by_time(con, name, config, grade_sql, grade_params)
-            else:
-                _ratio_by_user(con, name, config, grade_sql, grade_params)
+    con.execute("DELETE FROM splits WHERE split = ?", [name])
+    con.execute("DELETE FROM split_info WHERE split = ?", [name])
+    if config.strategy == "given":
+        if not con.execute("SELECT count(*) FROM judgments").fetchone()[0]:
+            raise NotFoundError("a 'given' split needs judgments; ingest qrels first")
         con.execute(
-            "INSERT INTO split_info VALUES (?, ?, ?, now()::TIMESTAMP)",
-            [name, config.strategy, json.dumps(_asdict(config))],
+            "INSERT INTO splits SELECT ?, part, 'query', query_id, item_id, relevance, NULL, NULL "
+            "FROM judgments WHERE relevance > 0",
+            [name],
         )
-        counts = dict(
-            con.execute(
-                "SELECT part, count(DISTINCT request_id) FROM splits WHERE split = ? GROUP BY 1", [name]
-            ).fetchall()
-        )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return counts
+    else:
+        if not con.execute("SELECT count(*) FROM events").fetchone()[0]:
+            raise NotFoundError("this split needs events; ingest events first")
+        grade_sql, grade_params = grade_expression(relevance)
+        if config.strategy == "leave-last-out":
+            _leave_last_out(con, name, config, grade_sql, grade_params)
+        elif config.by == "time":
+            _ratio_by_time(con, name, config, grade_sql, grade_params)
+        else:
+            _ratio_by_user(con, name, config, grade_sql, grade_params)
+    con.execute(
+        "INSERT INTO split_info VALUES (?, ?, ?, now()::TIMESTAMP)",
+        [name, config.strategy, json.dumps(_asdict(config))],
+    )
+    return dict(
+        con.execute(
+            "SELECT part, count(DISTINCT request_id) FROM splits WHERE split = ? GROUP BY 1", [name]
+        ).fetchall()
+    )
 
 
 def _leave_last_out(

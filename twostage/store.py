@@ -1,6 +1,8 @@
 """The DuckDB store: one file per project holding the behaviour logs, splits, runs, results and metrics.
 
 :class:`Store` owns the connection (explicit, UTC) and the schema, and is the one object the stages talk to.
+It is shared by threads: every read runs on a cursor of its own (DuckDB connections are not re-entrant) and
+every write in :meth:`Store.transaction`.
 The two larger jobs it offers have their own modules, so each stays one concept: :mod:`twostage.ingest`
 (files → tables, one transaction, errors naming file, row and column) and :mod:`twostage.splits`
 (held-out parts and their cut-offs). ``IngestReport``, ``KINDS`` and ``grade_expression`` are re-exported
@@ -13,7 +15,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,8 +110,28 @@ class Store:
         self.close()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A cursor for another thread (DuckDB connections are not shared across threads)."""
+        """A cursor of one's own: DuckDB connections are not shared across threads, cursors are cheap."""
         return self.con.cursor()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Every row of one read, on a cursor of its own (so reads from many threads never interleave)."""
+        with self.con.cursor() as cur:
+            return cur.execute(sql, list(params)).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor inside BEGIN … COMMIT: every write of the block lands, or (on any exception) none does.
+
+        The cursor is closed afterwards, so temporary tables made inside go with it.
+        """
+        with self.con.cursor() as cur:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
 
     # ------------------------------------------------------------------ ingestion
     def ingest(
@@ -136,11 +159,12 @@ class Store:
         Raises:
             InputError: naming file, row and column; the store is left exactly as it was.
         """
-        return ingest.ingest_file(
-            self.con,
-            path,
-            kind,
-            mapping=mapping,
+        with self.transaction() as cur:
+            return ingest.ingest_file(
+                cur,
+                    path,
+                kind,
+                mapping=mapping,
             keep_rejects=keep_rejects,
             event=event,
             part=part,
@@ -153,31 +177,29 @@ class Store:
         Tags describe items, so they enrich item text instead of counting as interactions.
         Returns the number of items that got tags.
         """
-        return ingest.attach_tags(self.con, path, item_column=item_column, tag_column=tag_column, top=top)
+        with self.transaction() as cur:
+            return ingest.attach_tags(cur, path, item_column=item_column, tag_column=tag_column, top=top)
 
     # ------------------------------------------------------------------ inspection
     def count(self, table: str) -> int:
         if table not in _TABLES:
             raise NotFoundError(f"no table '{table}'")
-        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return self._rows(f"SELECT count(*) FROM {table}")[0][0]
 
     def stats(self) -> dict[str, Any]:
         """Row counts, users, splits and runs: what ``twostage stats`` shows."""
-        con = self.con
         out: dict[str, Any] = {
             t: self.count(t) for t in ("items", "events", "queries", "judgments", "rejects")
         }
-        out["users"] = con.execute("SELECT count(DISTINCT user_id) FROM events").fetchone()[0]
-        out["event_types"] = dict(
-            con.execute("SELECT event, count(*) FROM events GROUP BY 1 ORDER BY 1").fetchall()
-        )
-        span = con.execute("SELECT min(ts), max(ts) FROM events").fetchone()
+        out["users"] = self._rows("SELECT count(DISTINCT user_id) FROM events")[0][0]
+        out["event_types"] = dict(self._rows("SELECT event, count(*) FROM events GROUP BY 1 ORDER BY 1"))
+        span = self._rows("SELECT min(ts), max(ts) FROM events")[0]
         out["time_span"] = [str(s) if s else None for s in span]
         out["splits"] = {
             f"{s}/{p}": n
-            for s, p, n in con.execute(
+            for s, p, n in self._rows(
                 "SELECT split, part, count(DISTINCT request_id) FROM splits GROUP BY 1, 2 ORDER BY 1, 2"
-            ).fetchall()
+            )
         }
         out["runs"] = self.count("runs")
         return out
@@ -187,9 +209,10 @@ class Store:
         import duckdb
 
         try:
-            cur = self.con.execute(query, params or [])
-            names = [d[0] for d in cur.description] if cur.description else []
-            return names, cur.fetchall() if cur.description else []
+            with self.con.cursor() as cur:
+                cur.execute(query, params or [])
+                names = [d[0] for d in cur.description] if cur.description else []
+                return names, cur.fetchall() if cur.description else []
         except duckdb.Error as e:
             raise TwostageError(f"SQL error: {str(e).splitlines()[0]}") from e
 
@@ -201,17 +224,16 @@ class Store:
 
         Returns the number of requests in each held-out part.
         """
-        return splits.write_split(self.con, config, relevance, name=name)
+        with self.transaction() as cur:
+            return splits.write_split(cur, config, relevance, name=name)
 
     def split_names(self) -> list[str]:
-        return [r[0] for r in self.con.execute("SELECT split FROM split_info ORDER BY split").fetchall()]
+        return [r[0] for r in self._rows("SELECT split FROM split_info ORDER BY split")]
 
     def require_split(self, name: str) -> str:
         """The split's request kind ('user' or 'query'), or NotFoundError naming the splits that exist."""
-        row = self.con.execute(
-            "SELECT any_value(request_kind) FROM splits WHERE split = ?", [name]
-        ).fetchone()
-        if row is None or row[0] is None:
+        row = self._rows("SELECT any_value(request_kind) FROM splits WHERE split = ?", [name])[0]
+        if row[0] is None:
             have = ", ".join(self.split_names()) or "none"
             raise NotFoundError(f"no split '{name}' (splits: {have}); run 'twostage split' first")
         return row[0]
@@ -220,10 +242,11 @@ class Store:
     def new_run(self, kind: str, config: Mapping[str, Any], model_fingerprint: str | None = None) -> str:
         """Record a run with its resolved config; returns its id."""
         run_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.con.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
-            [run_id, kind, json.dumps(config, sort_keys=True, default=str), model_fingerprint],
-        )
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
+                [run_id, kind, json.dumps(config, sort_keys=True, default=str), model_fingerprint],
+            )
         return run_id
 
     def write_results(
@@ -249,10 +272,9 @@ class Store:
                 "score": pa.array(scores, pa.float64()),
             }
         )
-        cur = self.con.cursor()
-        cur.register("_results_batch", table)
-        cur.execute("INSERT INTO results SELECT * FROM _results_batch")
-        cur.unregister("_results_batch")
+        with self.transaction() as cur:
+            cur.register("_results_batch", table)
+            cur.execute("INSERT INTO results SELECT * FROM _results_batch")
         return len(req)
 
     # ------------------------------------------------------------------ reads used by the stages
@@ -260,12 +282,12 @@ class Store:
         """Items as dicts (item_id, title, body, categories, attrs), in item_id order or the order asked."""
         cols = "item_id, title, body, categories, attrs"
         if item_ids is None:
-            rows = self.con.execute(f"SELECT {cols} FROM items ORDER BY item_id").fetchall()
+            rows = self._rows(f"SELECT {cols} FROM items ORDER BY item_id")
         else:
             wanted = list(item_ids)
-            rows = self.con.execute(
+            rows = self._rows(
                 f"SELECT {cols} FROM items WHERE item_id IN (SELECT unnest(?::VARCHAR[]))", [wanted]
-            ).fetchall()
+            )
             order = {i: n for n, i in enumerate(wanted)}
             rows.sort(key=lambda r: order[r[0]])
         return [
@@ -281,10 +303,10 @@ class Store:
 
     def targets(self, split: str, part: str) -> dict[str, dict[str, float]]:
         """Held-out relevance per request: ``{request_id: {item_id: grade}}``."""
-        rows = self.con.execute(
+        rows = self._rows(
             "SELECT request_id, item_id, max(relevance) FROM splits WHERE split = ? AND part = ? GROUP BY 1, 2",
             [split, part],
-        ).fetchall()
+        )
         out: dict[str, dict[str, float]] = {}
         for request_id, item_id, rel in rows:
             out.setdefault(request_id, {})[item_id] = rel
@@ -292,10 +314,10 @@ class Store:
 
     def cutoffs(self, split: str, part: str) -> dict[str, tuple[Any, int]]:
         """Per user: the (ts, seq) before which their history may be used for this part."""
-        rows = self.con.execute(
+        rows = self._rows(
             "SELECT request_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)), min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) FROM splits WHERE split = ? AND part = ? GROUP BY 1",
             [split, part],
-        ).fetchall()
+        )
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def histories(
@@ -319,17 +341,16 @@ class Store:
                 "cseq": pa.array([cut.get(u, (None, None))[1] for u in user_ids], pa.int64()),
             }
         )
-        cur = self.con.cursor()
-        cur.register("_users", table)
-        rows = cur.execute(
-            """
-            SELECT u.user_id, list(e.item_id ORDER BY e.ts DESC, e.seq DESC)
-            FROM _users u JOIN events e ON e.user_id = u.user_id
-            WHERE u.cts IS NULL OR (e.ts, e.seq) < (u.cts, u.cseq)
-            GROUP BY u.user_id
-            """
-        ).fetchall()
-        cur.unregister("_users")
+        with self.con.cursor() as cur:
+            cur.register("_users", table)
+            rows = cur.execute(
+                """
+                SELECT u.user_id, list(e.item_id ORDER BY e.ts DESC, e.seq DESC)
+                FROM _users u JOIN events e ON e.user_id = u.user_id
+                WHERE u.cts IS NULL OR (e.ts, e.seq) < (u.cts, u.cseq)
+                GROUP BY u.user_id
+                """
+            ).fetchall()
         out = {u: [] for u in user_ids}
         for user_id, items in rows:
             out[user_id] = items[:limit] if limit else items
@@ -341,7 +362,7 @@ class Store:
         Returns (user_id, item_id, grade, ts, seq), oldest first per user.
         """
         grade_sql, params = grade_expression(relevance)
-        return self.con.execute(
+        return self._rows(
             f"""
             WITH cut AS ({USER_CUTOFFS})
             SELECT e.user_id, e.item_id, {grade_sql}, e.ts, e.seq
@@ -350,33 +371,31 @@ class Store:
             ORDER BY e.user_id, e.ts, e.seq
             """,
             [split, *params],
-        ).fetchall()
+        )
 
     def popularity(self, split: str | None = None) -> dict[str, int]:
         """Distinct users per item, counted only from training events when a split is given."""
         if split is None:
-            rows = self.con.execute(
-                "SELECT item_id, count(DISTINCT user_id) FROM events GROUP BY 1"
-            ).fetchall()
+            rows = self._rows("SELECT item_id, count(DISTINCT user_id) FROM events GROUP BY 1")
         else:
-            rows = self.con.execute(
+            rows = self._rows(
                 f"""
                 WITH cut AS ({USER_CUTOFFS})
                 SELECT e.item_id, count(DISTINCT e.user_id) FROM events e LEFT JOIN cut c USING (user_id)
                 WHERE c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq) GROUP BY 1
                 """,
                 [split],
-            ).fetchall()
+            )
         return dict(rows)
 
     def query_texts(self, query_ids: Iterable[str] | None = None) -> dict[str, str]:
         if query_ids is None:
-            return dict(self.con.execute("SELECT query_id, text FROM queries").fetchall())
+            return dict(self._rows("SELECT query_id, text FROM queries"))
         return dict(
-            self.con.execute(
+            self._rows(
                 "SELECT query_id, text FROM queries WHERE query_id IN (SELECT unnest(?::VARCHAR[]))",
                 [list(query_ids)],
-            ).fetchall()
+            )
         )
 
 

@@ -1,6 +1,7 @@
 """Items and users become text: DESIGN.md's one idea ("every request is text").
 
-Pure functions over plain dicts, so templates can be tested and previewed without a model.
+Pure functions over plain dicts, so templates can be tested and previewed without a model. A leaf module:
+it imports nothing of ours but the errors.
 """
 
 from __future__ import annotations
@@ -8,10 +9,18 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from twostage.config import TextConfig
 from twostage.errors import ConfigError
+
+
+class UserTemplate(Protocol):
+    """How a user's history becomes text (``twostage.config.TextConfig`` is one)."""
+
+    user_template: str
+    history_item_template: str
+    history_size: int
+    history_separator: str
 
 _DOUBLED_SEPARATORS = re.compile(r"([.;:,])(\s*[.;:,])+")
 _SPACES = re.compile(r"\s+")
@@ -62,10 +71,11 @@ def render_item(item: Mapping[str, Any], template: str) -> str:
     return _tidy(template.format_map(_Blank(item_fields(item))))
 
 
-def render_user(history: Sequence[Mapping[str, Any]], config: TextConfig) -> str:
+def render_user(history: Sequence[Mapping[str, Any]], config: UserTemplate) -> str:
     """User context text from their history items, newest first, at most ``history_size`` of them.
 
     Example:
+        >>> from twostage.config import TextConfig
         >>> render_user([{"title": "Heat (1995)"}, {"title": "Casino (1995)"}], TextConfig())
         'Recently: Heat (1995); Casino (1995)'
     """

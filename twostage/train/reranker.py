@@ -7,7 +7,6 @@ the lead's dataset builder fills them. Training is sentence-transformers' ``Cros
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import logging
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from twostage.errors import ConfigError, InputError, MissingDependencyError
+from twostage.errors import ConfigError, InputError, MissingDependencyError, did_you_mean
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -240,11 +239,10 @@ def _evaluator_class() -> type:
 def _loss_key(name: str) -> str:
     key = name.strip().lower()
     if key not in LOSSES:
-        close = difflib.get_close_matches(key, LOSSES, n=1)
         raise ConfigError(
             f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}",
             key="reranker.loss",
-            suggestion=close[0] if close else None,
+            suggestion=did_you_mean(key, LOSSES),
         )
     return key
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twostage.atomic import replace_dir
 from twostage.encoders import (
     load_sentence_transformer,
     model_fingerprint,
@@ -273,7 +272,7 @@ def train_retriever(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (staged / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
-        _replace_dir(staged, output_dir)
+        replace_dir(staged, output_dir)
 
     logger.info("retriever trained: %d steps (%s)", steps, metrics or "no validation")
     return RetrieverTrainingResult(
@@ -435,17 +434,6 @@ def _best_metrics(trainer, metric_key: str, model: SentenceTransformer) -> dict[
         if entry.get("step") == best_step and f"eval_{metric_key}" in entry:
             return _short_names(entry, model)
     return {}
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``; an existing ``target`` is swapped out first and removed afterwards."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}-{time.time_ns()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
