@@ -271,7 +271,9 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     built: dict[str, Any] = {}
     for section, values in data.items():
         if section not in sections:
-            raise ConfigError("unknown section", key=section, suggestion=did_you_mean(section, list(sections)))
+            raise ConfigError(
+                "unknown section", key=section, suggestion=did_you_mean(section, list(sections))
+            )
         if not isinstance(values, Mapping):
             raise ConfigError("expected a table", key=section)
         cls = sections[section].default_factory  # type: ignore[misc]

@@ -162,14 +162,14 @@ class Store:
         with self.transaction() as cur:
             return ingest.ingest_file(
                 cur,
-                    path,
+                path,
                 kind,
                 mapping=mapping,
-            keep_rejects=keep_rejects,
-            event=event,
-            part=part,
-            category_separator=category_separator,
-        )
+                keep_rejects=keep_rejects,
+                event=event,
+                part=part,
+                category_separator=category_separator,
+            )
 
     def attach_tags(self, path: str | Path, *, item_column: str, tag_column: str, top: int = 5) -> int:
         """Put each item's most frequent free-text tags into ``attrs.tags`` (MovieLens ``tags.csv``).

@@ -22,6 +22,7 @@ class UserTemplate(Protocol):
     history_size: int
     history_separator: str
 
+
 _DOUBLED_SEPARATORS = re.compile(r"([.;:,])(\s*[.;:,])+")
 _SPACES = re.compile(r"\s+")
 _EMPTY_LABEL = re.compile(r"(?:^|(?<=[.;]))\s*[A-Z][\w ]{0,20}:\s*(?=[.;]|$)")
