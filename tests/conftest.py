@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,55 @@ def tiny_bert_path(tmp_path_factory) -> Path:
     st_dir = root / "st"
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(st_dir))
     return st_dir
+
+
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
+
+
+def make_movielens(root: Path, *, n_items: int = 40, n_users: int = 24, seed: int = 0) -> Path:
+    """A small MovieLens-layout folder where each user sticks to one genre (so there is signal to learn)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["movieId,title,genres"]
+    by_genre: dict[str, list[int]] = {g: [] for g in GENRES}
+    for i in range(1, n_items + 1):
+        genre = GENRES[i % len(GENRES)]
+        by_genre[genre].append(i)
+        lines.append(f"{i},{genre.lower()} film {i} ({1990 + i % 20}),{genre}")
+    (root / "movies.csv").write_text("\n".join(lines) + "\n")
+    ratings = ["userId,movieId,rating,timestamp"]
+    for u in range(1, n_users + 1):
+        genre = GENRES[u % len(GENRES)]
+        items = rng.sample(by_genre[genre], 6)
+        for t, i in enumerate(items):
+            ratings.append(f"{u},{i},{rng.choice([3.0, 4.0, 5.0])},{1_000_000 + u * 100 + t}")
+    (root / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    return root
+
+
+def sharpened_reranker(tiny_bert_path: Path, texts: list[str]):
+    """The tiny BERT as a cross-encoder whose logits clearly differ between ``texts``.
+
+    A random tiny BERT's pooled features barely depend on the input, so a fresh head gives logits within
+    float32 noise of each other. The head is pointed along the features' main direction of variation
+    (centred, unit spread), as a trained head's would be, so rankings do not hinge on rounding noise.
+    """
+    import torch
+
+    from twostage.rerank import Reranker
+
+    torch.manual_seed(0)
+    rr = Reranker(tiny_bert_path, device="cpu", max_length=64, batch_size=4)
+    feats: list[torch.Tensor] = []
+    head = rr.model.model.classifier
+    hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach()))
+    rr.score([(q, t) for q in texts[:3] for t in texts])
+    hook.remove()
+    h = torch.cat(feats).double()
+    centred = h - h.mean(0)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    spread = (centred @ direction).std()
+    with torch.no_grad():
+        head.weight.copy_((direction / spread).float().unsqueeze(0))
+        head.bias.fill_(float(-(h.mean(0) @ direction) / spread))
+    return rr

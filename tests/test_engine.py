@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import make_movielens
 
 from twostage import Engine, Hit, Ranking
-from twostage.engine import shallowest_depth
 from twostage.errors import IndexMismatchError, NotFoundError, TwostageError
-from twostage.requests import Request
-
-GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
-
-
-def make_movielens(root: Path, *, n_items: int = 40, n_users: int = 24, seed: int = 0) -> Path:
-    """A small MovieLens-layout folder where each user sticks to one genre (so there is signal to learn)."""
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    lines = ["movieId,title,genres"]
-    by_genre: dict[str, list[int]] = {g: [] for g in GENRES}
-    for i in range(1, n_items + 1):
-        genre = GENRES[i % len(GENRES)]
-        by_genre[genre].append(i)
-        lines.append(f"{i},{genre.lower()} film {i} ({1990 + i % 20}),{genre}")
-    (root / "movies.csv").write_text("\n".join(lines) + "\n")
-    ratings = ["userId,movieId,rating,timestamp"]
-    for u in range(1, n_users + 1):
-        genre = GENRES[u % len(GENRES)]
-        items = rng.sample(by_genre[genre], 6)
-        for t, i in enumerate(items):
-            ratings.append(f"{u},{i},{rng.choice([3.0, 4.0, 5.0])},{1_000_000 + u * 100 + t}")
-    (root / "ratings.csv").write_text("\n".join(ratings) + "\n")
-    return root
+from twostage.tuning import shallowest_depth
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +41,10 @@ bootstrap = 200
 """
     )
     engine = Engine.open(project)
-    engine.load_dataset("movielens", data)
+    engine.datasets_load("movielens", data)
     engine.split()
     engine.train_retriever()
-    engine.build_index()
+    engine.index_build()
     engine.train_reranker()
     engine.close()
     return project
@@ -79,7 +54,7 @@ def test_pipeline_trains_and_saves_models(trained_project):
     assert (trained_project / "models" / "retriever" / "training.json").exists()
     record = json.loads((trained_project / "models" / "reranker" / "training.json").read_text())
     assert 0.0 <= record["fusion_weight"] <= 1.0  # tuned on the validation requests
-    assert Engine.open(trained_project).fusion_weight() == record["fusion_weight"]
+    assert Engine.open(trained_project).pipeline().settings.fusion_weight == record["fusion_weight"]
     assert (trained_project / "indexes" / "default" / "manifest.json").exists()
 
 
@@ -89,17 +64,18 @@ def test_rerank_depth_is_the_shallowest_without_validation_loss(trained_project)
     assert sorted(sweep) == [10, 12]  # the grid up to reranker.depth, and the depth itself
     full = sweep[12]
     assert record["rerank_depth"] == min(d for d, v in sweep.items() if v >= full * 0.99)
-    assert Engine.open(trained_project).rerank_depth() == record["rerank_depth"]
+    assert Engine.open(trained_project).pipeline().settings.rerank_depth == record["rerank_depth"]
     overridden = Engine.open(trained_project, overrides={"reranker.serve_depth": 3})
-    assert overridden.rerank_depth() == 3
-    assert len(overridden.search("comedy film", k=5).hits) == 5  # k wins over a shallower depth
+    assert overridden.pipeline().settings.rerank_depth == 3
+    hits = overridden.search("comedy film", k=5).hits
+    assert [h.stage for h in hits] == ["rerank"] * 3 + ["recall"] * 2  # below the rerank depth: stage 1
 
 
 def test_the_depth_tolerance_is_relative_to_the_metric():
     # search-scale nDCG: 0.1% below the full depth is no loss; next-item scale: 4% below is a loss
-    assert shallowest_depth({10: 0.786, 15: 0.7865, 20: 0.787}, 20) == 10
-    assert shallowest_depth({10: 0.0491, 30: 0.0497, 50: 0.0510}, 50) == 50
-    assert shallowest_depth({10: 0.0491, 30: 0.0506, 50: 0.0510}, 50) == 30
+    assert shallowest_depth({10: 0.786, 15: 0.7865, 20: 0.787}, 20, 0.01) == 10
+    assert shallowest_depth({10: 0.0491, 30: 0.0497, 50: 0.0510}, 50, 0.01) == 50
+    assert shallowest_depth({10: 0.0491, 30: 0.0506, 50: 0.0510}, 50, 0.01) == 30
 
 
 def test_recommend_excludes_history_and_explains(trained_project):
@@ -115,63 +91,6 @@ def test_recommend_excludes_history_and_explains(trained_project):
     assert drivers and {d["item_id"] for d in drivers} <= history
     # the explanation is faithful: the reported drop is the reranker's own score change
     assert all(isinstance(d["score_drop"], float) for d in drivers)
-
-
-@pytest.mark.parametrize("stage", ["rerank", "recall"])
-def test_search_explanations_score_the_query_without_each_content_word(trained_project, stage):
-    import numpy as np
-
-    engine = Engine.open(trained_project)
-    query = "a comedy film, with the family!"
-    ranking = engine.search(query, k=2, stage=stage, explain=True)
-    pipe = engine.pipeline()
-    for hit in ranking.hits:
-        terms = hit.explanation["terms"]
-        # stopwords are not explained on their own, and punctuation is not part of a term
-        assert {t["term"] for t in terms} == {"comedy", "film", "family"}
-        # faithful: each drop is the model's own score of the query minus that of the query without the word
-        edited = {
-            "comedy": "a film, with the family!",
-            "film": "a comedy with the family!",
-            "family": "a comedy film, with the",
-        }
-        texts = [query, *edited.values()]
-        assert hit.explanation["method"].endswith(
-            "reranker score" if stage == "rerank" else "bi-encoder score"
-        )
-        if "reranker" in hit.explanation["method"]:
-            scores = pipe.score_pairs([(t, pipe.rerank_text(hit.item_id)) for t in texts])
-        else:
-            scores = pipe.encode(texts) @ pipe.index.vectors([hit.item_id])[0]
-        scores = np.asarray(scores, dtype=np.float64)
-        expected = dict(zip(edited, scores[0] - scores[1:], strict=True))
-        for t in terms:
-            assert t["score_drop"] == pytest.approx(expected[t["term"]], abs=1e-3)
-        drops = [t["score_drop"] for t in terms]
-        assert drops == sorted(drops, reverse=True)
-
-
-def test_only_drivers_that_raised_the_score_are_worth_a_because():
-    from twostage.explain import raised_score
-
-    drivers = [
-        {"term": "a", "score_drop": 0.2},
-        {"term": "b", "score_drop": 0.0},
-        {"term": "c", "score_drop": -0.1},
-    ]
-    assert raised_score(drivers) == drivers[:1]
-    assert raised_score([{"term": "solo", "score_drop": None}]) == []
-
-
-def test_content_terms_fall_back_to_every_token_when_all_are_stopwords():
-    from twostage.explain import content_terms
-
-    assert content_terms("space adventure with robots") == (
-        ["space", "adventure", "with", "robots"],
-        [0, 1, 3],
-    )
-    assert content_terms("The (Matrix)") == (["The", "(Matrix)"], [1])
-    assert content_terms("to be or not") == (["to", "be", "or", "not"], [0, 1, 2, 3])
 
 
 def test_recall_stage_only(trained_project):
@@ -192,7 +111,7 @@ def test_search_and_errors(trained_project):
     with pytest.raises(TwostageError, match=r"MMR λ in \[0, 1\]"):
         engine.recommend("3", diversify=2.0)
     with pytest.raises(NotFoundError, match="no index"):
-        engine.index("missing")
+        engine.index_info("missing")
 
 
 def test_evaluate_writes_metrics_and_compares(trained_project, tmp_path):
@@ -226,36 +145,12 @@ def test_evaluate_writes_metrics_and_compares(trained_project, tmp_path):
 def test_index_refuses_other_model(trained_project, tiny_bert_path):
     engine = Engine.open(trained_project, overrides={"text.item_template": "{title} only"})
     with pytest.raises(IndexMismatchError, match="text_fingerprint"):
-        engine.index()
+        engine.index_info()
     # how users become text does not change item vectors: the index still serves
     engine = Engine.open(
         trained_project, overrides={"text.user_template": "Seen: {history}", "text.history_size": 3}
     )
     assert len(engine.recommend("3", k=2, stage="recall").hits) == 2
-
-
-def test_concurrent_requests_match_sequential(trained_project):
-    engine = Engine.open(trained_project)
-    users = [str(u) for u in range(1, 13)]
-    expected = {u: engine.recommend(u, k=5).item_ids() for u in users}
-    found: dict[str, list[str]] = {}
-    errors: list[BaseException] = []
-
-    def work(user: str) -> None:
-        try:
-            for _ in range(3):
-                found[user] = engine.recommend(user, k=5).item_ids()
-                engine.search("drama film", k=3)
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(u,)) for u in users]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert found == expected
 
 
 def test_popularity_prior_reorders_recall_and_is_reported(trained_project):
@@ -284,11 +179,6 @@ def test_fusion_weight_one_skips_the_cross_encoder(trained_project, monkeypatch)
     served = engine.search("comedy film", k=5)
     assert [h.stage for h in served.hits] == ["recall"] * 5
     assert served.item_ids() == engine.search("comedy film", k=5, stage="recall").item_ids()
-    request = Request("q", "comedy film")
-    stage1 = pipe.recall([request], 10)
-    hits = pipe.rerank([request], stage1, 10)[0]
-    assert [h.item_id for h in hits] == [i for i, _ in stage1[0]]
-    assert all(h.rerank_score != h.rerank_score for h in hits)  # NaN: never scored
 
 
 def test_cli_train_reranker_reports_the_serving_choices(trained_project):
@@ -298,10 +188,10 @@ def test_cli_train_reranker_reports_the_serving_choices(trained_project):
 
     result = CliRunner().invoke(cli, ["-p", str(trained_project), "train", "reranker", "--quiet"])
     assert result.exit_code == 0, result.output
-    engine = Engine.open(trained_project)
-    assert f"rerank depth {engine.rerank_depth()}, fusion weight {engine.fusion_weight()}" in result.output
+    settings = Engine.open(trained_project).pipeline().settings
+    assert f"rerank depth {settings.rerank_depth}, fusion weight {settings.fusion_weight}" in result.output
     as_json = CliRunner().invoke(
-        cli, ["-p", str(trained_project), "query", "comedy film", "-k", "3", "--json"]
+        cli, ["-p", str(trained_project), "search", "comedy film", "-k", "3", "--json"]
     )
     assert as_json.exit_code == 0, as_json.output
     assert len(json.loads(as_json.stdout)["hits"]) == 3
@@ -320,10 +210,10 @@ def test_a_template_field_no_item_has_is_refused(trained_project):
     for key in ("text.item_template", "text.history_item_template", "reranker.item_template"):
         engine = Engine.open(trained_project, overrides={key: "{title} ({yeer})"})
         with pytest.raises(ConfigError, match=key):
-            engine.build_index()
+            engine.index_build()
 
 
-def test_index_update_re_encodes_items_whose_text_changed(trained_project, tmp_path):
+def test_index_add_re_encodes_items_whose_text_changed(trained_project, tmp_path):
     import shutil
 
     import numpy as np
@@ -331,25 +221,25 @@ def test_index_update_re_encodes_items_whose_text_changed(trained_project, tmp_p
     project = tmp_path / "copy"
     shutil.copytree(trained_project, project)
     engine = Engine.open(project)
-    assert engine.update_index()["count"] == len(engine.catalogue())  # nothing stale: nothing changes
-    item = engine.catalogue().item_ids[0]
-    before = engine.index().vectors([item])[0]
-    untouched = engine.catalogue().item_ids[1]
-    kept = engine.index().vectors([untouched])[0]
+    catalogue = engine.project.catalogue()
+    assert engine.index_add()["count"] == len(catalogue)  # nothing stale: nothing changes
+    item, untouched = catalogue.item_ids[0], catalogue.item_ids[1]
+    before = engine.project.index().vectors([item])[0]
+    kept = engine.project.index().vectors([untouched])[0]
     (tmp_path / "retitle.csv").write_text(f"item_id,title\n{item},A completely different film\n")
     engine.ingest(tmp_path / "retitle.csv", "items")
-    engine.update_index()
+    engine.index_add()
     fresh = Engine.open(project)
-    index = fresh.index()
+    index = fresh.project.index()
     assert not np.allclose(before, index.vectors([item])[0], atol=1e-3)
     assert np.array_equal(kept, index.vectors([untouched])[0])
-    text = fresh.catalogue().text(item)
+    text = fresh.project.catalogue().text(item)
     assert text.startswith("A completely different film")
-    # removing items and syncing in one call does not put the removed ones back
-    gone = fresh.catalogue().item_ids[2]
-    assert gone not in fresh.update_index(remove=[gone]) and gone not in Engine.open(project).index()
-    expected = fresh.retriever().encode([text])
+    expected = fresh.project.retriever().encode([text])
     assert np.allclose(index.vectors([item])[0], np.asarray(expected)[0], atol=1e-4)
+    gone = catalogue.item_ids[2]
+    assert fresh.index_remove([gone])["count"] == len(catalogue) - 1
+    assert gone not in Engine.open(project).project.index()
 
 
 def test_training_on_a_handful_of_lists_is_warned_about(trained_project, tmp_path, caplog):
@@ -360,6 +250,6 @@ def test_training_on_a_handful_of_lists_is_warned_about(trained_project, tmp_pat
     shutil.copytree(trained_project, project)
     with caplog.at_level(logging.WARNING, logger="twostage"):
         Engine.open(project).train_reranker()
-    warned = [r.getMessage() for r in caplog.records if r.name == "twostage.engine"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "twostage.train.lists"]
     assert any("training lists from 12 requests" in m and "max_train_requests" in m for m in warned)
     assert any("validation lists from" in m and "eval_requests" in m for m in warned)

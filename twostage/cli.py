@@ -200,7 +200,7 @@ def datasets_load(ctx, layout, path, out: Output) -> None:
 
     Example: twostage datasets load beir ../shared/data/scifact
     """
-    _print_reports(out, _engine(ctx, out).load_dataset(layout, path))
+    _print_reports(out, _engine(ctx, out).datasets_load(layout, path))
 
 
 @cli.command()
@@ -294,14 +294,15 @@ def train_reranker(ctx, split_name, loss, epochs, tune_only, out: Output) -> Non
     engine = _engine(ctx, out, overrides=overrides)
 
     def serving() -> str:
+        settings = engine.pipeline().settings
         return (
-            f"serving: rerank depth {engine.rerank_depth()}, fusion weight {engine.fusion_weight()}, "
-            f"co-watch weight {engine.cowatch_weight()} (chosen on validation)"
+            f"serving: rerank depth {settings.rerank_depth}, fusion weight {settings.fusion_weight}, "
+            f"co-watch weight {settings.cowatch_weight} (chosen on validation)"
         )
 
     if tune_only:
-        tuned = engine.tune_reranker(split=split_name)
-        out.result(tuned, f"Tuned {engine.models_dir('reranker')}; {serving()}")
+        tuned = engine.train_reranker(split=split_name, tune_only=True)
+        out.result(tuned, f"Tuned {engine.project.models_dir('reranker')}; {serving()}")
         return
     result = engine.train_reranker(split=split_name)
     out.result(
@@ -331,7 +332,7 @@ def index_build(ctx, name, build_name, out: Output) -> None:
 
     Example: twostage index build --build hnsw
     """
-    manifest = _engine(ctx, out).build_index(name, build=build_name)
+    manifest = _engine(ctx, out).index_build(name, build=build_name)
     out.result(manifest, f"Built {manifest.get('factory')} index of {manifest.get('count')} items")
 
 
@@ -341,11 +342,12 @@ def index_build(ctx, name, build_name, out: Output) -> None:
 @output_options
 @click.pass_context
 def index_add(ctx, item_ids, name, out: Output) -> None:
-    """Add or re-encode items without a rebuild; with none named, every item that is new or whose text changed.
+    """Add or re-encode items without a rebuild; with none named, every item of the catalogue that the index
+    lacks or whose text changed.
 
     Example: twostage index add 193609 193587
     """
-    manifest = _engine(ctx, out).update_index(list(item_ids) or None, name=name)
+    manifest = _engine(ctx, out).index_add(list(item_ids) or None, name=name)
     out.result(manifest, f"Index now holds {manifest.get('count')} items")
 
 
@@ -359,7 +361,7 @@ def index_remove(ctx, item_ids, name, out: Output) -> None:
 
     Example: twostage index remove 193609
     """
-    manifest = _engine(ctx, out).update_index([], remove=list(item_ids), name=name)
+    manifest = _engine(ctx, out).index_remove(list(item_ids), name=name)
     out.result(manifest, f"Index now holds {manifest.get('count')} items")
 
 
@@ -372,7 +374,7 @@ def index_info(ctx, name, out: Output) -> None:
 
     Example: twostage index info --json
     """
-    manifest = dict(_engine(ctx, out).index(name).manifest)
+    manifest = _engine(ctx, out).index_info(name)
     out.result(manifest, lambda: [click.echo(f"{k:18} {v}") for k, v in manifest.items()])
 
 
@@ -399,37 +401,75 @@ def _print_ranking(out: Output, ranking) -> None:
     out.result(ranking, human)
 
 
+_DIVERSIFY = click.option(
+    "--diversify",
+    type=click.FloatRange(0, 1),
+    help="MMR λ (1 = none, lower = more diverse; default [reranker] mmr_lambda).",
+)
+
+
 @cli.command()
 @click.argument("text")
 @click.option("-k", default=10, show_default=True, help="Results to return.")
 @click.option("--stage", type=click.Choice(["rerank", "recall"]), default="rerank", show_default=True)
 @click.option("--explain", is_flag=True, help="Show the query terms that drive each hit.")
+@_DIVERSIFY
 @output_options
 @click.pass_context
-def query(ctx, text, k, stage, explain, out: Output) -> None:
+def search(ctx, text, k, stage, explain, diversify, out: Output) -> None:
     """Search the catalogue with a text query (both stages by default).
 
-    Example: twostage query "vitamin D and bone density" -k 5 --explain
+    Example: twostage search "vitamin D and bone density" -k 5 --explain
     """
-    _print_ranking(out, _engine(ctx, out).search(text, k, stage=stage, explain=explain))
+    _print_ranking(out, _engine(ctx, out).search(text, k, stage=stage, explain=explain, diversify=diversify))
+
+
+# the command's first name, kept so scripts that call it keep working
+cli.add_command(
+    click.Command("query", callback=search.callback, params=search.params, help=search.help, hidden=True)
+)
 
 
 @cli.command()
-@click.argument("user_id")
+@click.argument("user_id", required=False)
 @click.option("-k", default=10, show_default=True, help="Items to return.")
+@click.option(
+    "--history",
+    "history",
+    help="An anonymous session instead of a user: item ids, newest first, comma-separated.",
+)
 @click.option("--stage", type=click.Choice(["rerank", "recall"]), default="rerank", show_default=True)
 @click.option("--explain", is_flag=True, help="Show which history items drove each recommendation.")
-@click.option("--diversify", type=click.FloatRange(0, 1), help="MMR λ (1 = none, lower = more diverse).")
+@_DIVERSIFY
+@click.option(
+    "--split",
+    "split_name",
+    help="Recommend as evaluation saw it: the user's history before this split's cut-off.",
+)
+@click.option(
+    "--part", default="test", show_default=True, help="With --split: the held-out part whose cut-off applies."
+)
 @output_options
 @click.pass_context
-def recommend(ctx, user_id, k, stage, explain, diversify, out: Output) -> None:
-    """Recommend items for a user from their history (both stages by default).
+def recommend(ctx, user_id, k, history, stage, explain, diversify, split_name, part, out: Output) -> None:
+    """Recommend items for a user from their history, or for an anonymous --history (both stages by default).
 
     Example: twostage recommend 42 -k 5 --explain
     """
-    _print_ranking(
-        out, _engine(ctx, out).recommend(user_id, k, stage=stage, explain=explain, diversify=diversify)
+    if (user_id is None) == (history is None):
+        raise click.UsageError("give a USER_ID or --history ITEM,ITEM,... (one of them)")
+    items = [i for i in history.split(",") if i.strip()] if history is not None else None
+    ranking = _engine(ctx, out).recommend(
+        user_id,
+        k,
+        history=items,
+        stage=stage,
+        explain=explain,
+        diversify=diversify,
+        split=split_name,
+        part=part,
     )
+    _print_ranking(out, ranking)
 
 
 @cli.command()

@@ -78,7 +78,9 @@ class RetrieverConfig:
 
     ``popularity_weight`` β adds ``β · ln(1 + users(item))`` to the stage-1 score (recommendation): the logQ
     correction for the popularity bias of in-batch negatives. 0 turns it off; pick β on the validation part
-    (``tools/bench/bench_quality.py`` does, over 0–0.2).
+    from ``popularity_grid`` (``tools/bench/bench_quality.py`` does). With β > 0 FAISS is searched
+    ``max(popularity_pool_factor × depth, popularity_pool)`` deep and re-sorted, so popular items from below the
+    cosine top-depth can come in.
     """
 
     model: str = "default"
@@ -95,6 +97,9 @@ class RetrieverConfig:
     eval_corpus: int = 2000
     patience: int = 2
     popularity_weight: float = 0.0
+    popularity_grid: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+    popularity_pool: int = 1000
+    popularity_pool_factor: int = 10
     seed: int = 0
 
 
@@ -142,13 +147,25 @@ class RerankerConfig:
     ``cowatch_weight`` c adds the same lists as a score: ``+ c · z(cowatch)``, where an item's co-watch score
     is how many of the user's last ``[text] history_size`` items are among its co-watched items. Unset, it is
     chosen on validation with the fusion weight (recommendation splits; 0 for search). With ``w = 1`` and
-    ``c > 0`` stage 2 reorders stage 1 by co-watch alone and the cross-encoder is not run.
+    ``c > 0`` stage 2 reorders stage 1 by co-watch alone and the cross-encoder is not run. Co-watch counts use
+    each user's ``cowatch_recent_items`` latest items and keep items with at least ``cowatch_min_users`` users;
+    reranker training reads lists counted without the request's fold of users (``cowatch_folds`` folds).
+
+    Tuning: the weights are chosen from ``fusion_grid`` × ``cowatch_grid``, then the rerank depth from
+    ``depth_grid`` (up to ``depth``): the smallest whose nDCG@10 is within ``depth_tolerance`` (relative) of
+    reranking all ``depth``.
+
+    ``mmr_lambda`` λ diversifies every ranking (1 = none): MMR reorders the top ``mmr_depth`` of the final
+    list. ``enabled = false`` serves and evaluates stage 1 alone.
     """
 
     model: str = "default"
     enabled: bool = True
     item_template: str | None = None
     cowatched_size: int = 8
+    cowatch_min_users: int = 5
+    cowatch_recent_items: int = 200
+    cowatch_folds: int = 5
     max_length: int = 256
     batch_size: int = 32
     depth: int = 50
@@ -156,6 +173,11 @@ class RerankerConfig:
     fusion_weight: float | None = None
     cowatch_weight: float | None = None
     mmr_lambda: float | None = None
+    mmr_depth: int = 50
+    fusion_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+    cowatch_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    depth_grid: tuple[int, ...] = (10, 15, 20, 30, 50, 75, 100, 150, 200)
+    depth_tolerance: float = 0.01
     loss: str = "listnet"
     list_size: int = 16
     epochs: int = 1
@@ -339,8 +361,20 @@ _AT_LEAST_ONE = {
         "eval_k",
         "eval_corpus",
         "patience",
+        "popularity_pool",
+        "popularity_pool_factor",
     ),
-    "reranker": ("max_length", "batch_size", "epochs", "train_batch_size", "max_train_requests", "patience"),
+    "reranker": (
+        "max_length",
+        "batch_size",
+        "epochs",
+        "train_batch_size",
+        "max_train_requests",
+        "patience",
+        "cowatch_min_users",
+        "cowatch_recent_items",
+        "mmr_depth",
+    ),
     "eval": ("max_requests", "bootstrap"),
 }
 _AT_LEAST_ZERO = {
@@ -363,6 +397,7 @@ def _validate_ranges(config: Config) -> None:
                 value = getattr(getattr(config, section), key)
                 if value is not None and not value >= bound:
                     raise ConfigError(f"must be at least {bound}, got {value}", key=f"{section}.{key}")
+    _validate_grids(config)
     if config.reranker.list_size < 2:
         raise ConfigError("a listwise loss needs lists of at least 2", key="reranker.list_size")
     for section in ("retriever", "reranker"):
@@ -391,6 +426,31 @@ def _validate_ranges(config: Config) -> None:
     if unknown:
         raise ConfigError(
             f"the user template has only {{history}}, not {{{sorted(unknown)[0]}}}", key="text.user_template"
+        )
+
+
+def _validate_grids(config: Config) -> None:
+    """The values tuning tries: each grid non-empty and inside the range its setting allows."""
+    reranker, retriever = config.reranker, config.retriever
+    grids = (
+        ("reranker.fusion_grid", reranker.fusion_grid, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+        ("reranker.cowatch_grid", reranker.cowatch_grid, lambda v: v >= 0.0, ">= 0"),
+        ("reranker.depth_grid", reranker.depth_grid, lambda v: v >= 1, ">= 1"),
+        ("retriever.popularity_grid", retriever.popularity_grid, lambda v: v >= 0.0, ">= 0"),
+    )
+    for key, values, ok, allowed in grids:
+        if not values:
+            raise ConfigError("needs at least one value", key=key)
+        bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+        if bad:
+            raise ConfigError(f"values must be {allowed}, got {bad[0]}", key=key)
+    if not 0.0 <= reranker.depth_tolerance < 1.0:
+        raise ConfigError(
+            f"must be in [0, 1), got {reranker.depth_tolerance}", key="reranker.depth_tolerance"
+        )
+    if reranker.cowatch_folds < 2:
+        raise ConfigError(
+            "needs at least 2 folds (a fold is left out of its own lists)", key="reranker.cowatch_folds"
         )
 
 

@@ -29,10 +29,7 @@ if TYPE_CHECKING:
     from twostage.store import Store
 
 FIELD = "cowatched"
-MIN_USERS = 5  # a co-watched item needs this many users: below it, cosine is noise
-MAX_ITEMS_PER_USER = 200  # each user's most recent items only: bounds the self-join on heavy users
 SEPARATOR = "; "
-TRAIN_FOLDS = 5  # reranker training requests read lists counted without their fold (4/5 of the users)
 
 
 def co_watched(
@@ -41,11 +38,15 @@ def co_watched(
     top: int,
     split: str | None = None,
     exclude_users: Iterable[str] = (),
+    min_users: int,
+    recent_items: int,
 ) -> dict[str, list[str]]:
     """Each item's ``top`` most co-watched items, best first (ties by item id).
 
     ``split`` counts only events before that split's cut-offs (as the popularity prior does);
-    ``exclude_users`` leaves those users' events out entirely.
+    ``exclude_users`` leaves those users' events out entirely. A co-watched item needs ``min_users`` users
+    (below that, cosine is noise), and only each user's ``recent_items`` latest items count (bounding the
+    self-join on heavy users); ``[reranker] cowatch_min_users`` and ``cowatch_recent_items`` set them.
     """
     import pyarrow as pa
 
@@ -62,7 +63,7 @@ def co_watched(
               AND e.user_id NOT IN (SELECT user_id FROM _excluded)
             GROUP BY e.user_id, e.item_id
         ),
-        seen AS (SELECT user_id, item_id FROM ranked WHERE n <= {MAX_ITEMS_PER_USER}),
+        seen AS (SELECT user_id, item_id FROM ranked WHERE n <= {int(recent_items)}),
         users AS (SELECT item_id, count(*) AS n FROM seen GROUP BY 1),
         pairs AS (
             SELECT a.item_id AS a, b.item_id AS b, count(*) AS c
@@ -72,7 +73,7 @@ def co_watched(
         scored AS (
             SELECT p.a, p.b, p.c / sqrt(ua.n * ub.n) AS cos
             FROM pairs p JOIN users ua ON ua.item_id = p.a JOIN users ub ON ub.item_id = p.b
-            WHERE ub.n >= {MIN_USERS}
+            WHERE ub.n >= {int(min_users)}
         )
         SELECT a, list(b ORDER BY cos DESC, b)[1:{int(top)}] FROM scored GROUP BY a
         """,

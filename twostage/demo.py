@@ -85,10 +85,10 @@ def run_demo(
         echo(f"[demo] {name}: {timings[name]:.1f}s")
         return value
 
-    step("ingest sample", lambda: engine.load_dataset("sample"))
+    step("ingest sample", lambda: engine.datasets_load("sample"))
     counts = step("split", engine.split)
     retriever = step("fine-tune retriever", engine.train_retriever)
-    step("build index", engine.build_index)
+    step("build index", engine.index_build)
     reranker = step("train reranker", engine.train_reranker)
     report = step(
         "evaluate", lambda: engine.evaluate(report=root / "report.html", mmr_lambdas=(0.9, 0.7, 0.5))
@@ -96,13 +96,14 @@ def run_demo(
     user = sorted(engine.store.targets(engine.default_split(), "test"))[0]
     ranking = step("recommend (explained)", lambda: engine.recommend(user, 5, explain=True))
 
+    settings = engine.pipeline().settings
     lines = [
         f"Demo project: {root}  (stats: {engine.stats()['items']} items, {engine.stats()['events']} events)",
         f"Split: {counts}",
         f"Retriever fine-tuned: best validation {retriever.best_metric:.4f}",
         f"Reranker trained: best validation nDCG@10 {reranker.best_metric:.4f}; rerank depth "
-        f"{engine.rerank_depth()}, fusion weight {engine.fusion_weight()}, co-watch weight "
-        f"{engine.cowatch_weight()} (chosen on validation)",
+        f"{settings.rerank_depth}, fusion weight {settings.fusion_weight}, co-watch weight "
+        f"{settings.cowatch_weight} (chosen on validation)",
         "",
         f"Test metrics ({report.extra['n_requests']} requests of split {report.split}, part {report.part}; "
         "full ranking over the items each user has not seen):",

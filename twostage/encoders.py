@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -218,7 +219,10 @@ def model_fingerprint(model: SentenceTransformer) -> str:
 
 
 class BiEncoder:
-    """A sentence-transformers model that turns texts into float32 unit vectors.
+    """A sentence-transformers model that turns texts into float32 unit vectors; safe to share between threads.
+
+    Each encoder owns a lock around its forward passes: fast tokenizers are not re-entrant, and on a CPU torch
+    already uses every core inside one call, so serialising calls costs nothing.
 
     Example:
         >>> encoder = BiEncoder()  # the offline default, all-MiniLM-L6-v2
@@ -254,6 +258,7 @@ class BiEncoder:
             raise ValueError(f"max_seq_length must be at least 1, got {max_seq_length}")
         self.name_or_path = resolve_model(name_or_path)
         self.batch_size = batch_size
+        self._lock = threading.Lock()
         self._model = load_sentence_transformer(
             name_or_path, device=device, local_files_only=local_files_only
         )
@@ -273,6 +278,7 @@ class BiEncoder:
         encoder = cls.__new__(cls)
         encoder.name_or_path = str(getattr(model, "name_or_path", "") or "")
         encoder.batch_size = batch_size
+        encoder._lock = threading.Lock()
         encoder._model = model
         encoder._fingerprint = None
         return encoder
@@ -323,7 +329,7 @@ class BiEncoder:
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             vecs = self._model.encode(
                 texts,
                 batch_size=self.batch_size,
@@ -362,8 +368,9 @@ class EmbeddingCache:
     with :meth:`clear`.
 
     Example:
-        >>> cache = EmbeddingCache(project_dir / "cache" / "embeddings")
-        >>> item_vecs = encode_cached(encoder, item_texts, cache)
+        >>> import tempfile
+        >>> cache = EmbeddingCache(tempfile.mkdtemp())
+        >>> item_vecs = encode_cached(BiEncoder(), ["Heat (1995)", "Casino (1995)", "Up (2009)"], cache)
         >>> cache.last_stats
         CacheStats(hits=0, misses=3)
     """
@@ -475,9 +482,13 @@ def encode_cached(
         Array of shape ``(len(texts), dim)``, float32, C-contiguous, L2-normalised, in input order.
 
     Example:
+        >>> import tempfile
+        >>> cache = EmbeddingCache(tempfile.mkdtemp())
+        >>> encoder = BiEncoder()
         >>> item_vecs = encode_cached(encoder, ["Heat (1995)", "Casino (1995)"], cache)
-        >>> cache.last_stats.misses
-        2
+        >>> item_vecs = encode_cached(encoder, ["Heat (1995)", "Up (2009)"], cache)
+        >>> cache.last_stats
+        CacheStats(hits=1, misses=1)
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")

@@ -11,26 +11,30 @@ Search hits: the same with the query's content words (not stopwords) instead of 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from twostage.requests import user_text
 
 if TYPE_CHECKING:
-    from twostage.engine import Engine
-    from twostage.pipeline import Pipeline
-    from twostage.requests import Request
+    from twostage.index import VectorIndex
+    from twostage.requests import Catalogue, Request
+    from twostage.text import UserTemplate
 
 
-def _scores(pipe: Pipeline, texts: Sequence[str], item_ids: Sequence[str], use_rerank: bool) -> np.ndarray:
-    """Score every (text, item) pair: a matrix texts × items, with the reranker or the bi-encoder."""
-    if use_rerank:
-        pairs = [(t, pipe.rerank_text(i)) for t in texts for i in item_ids]
-        return np.asarray(pipe.score_pairs(pairs), dtype=np.float64).reshape(len(texts), len(item_ids))
-    text_vecs = pipe.encode(texts)
-    item_vecs = pipe.index.vectors(list(item_ids))
-    return (text_vecs @ item_vecs.T).astype(np.float64)
+class Explained(Protocol):
+    """What an explanation reads of the pipeline that ranked the hits (``twostage.pipeline.Pipeline``)."""
+
+    catalogue: Catalogue
+    index: VectorIndex
+    text: UserTemplate
+
+    def pair_scores(
+        self, texts: Sequence[str], item_ids: Sequence[str], *, use_reranker: bool
+    ) -> np.ndarray: ...
+
+    def watched_with(self, request: Request, item_id: str) -> list[str]: ...
 
 
 def raised_score(drivers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,37 +44,41 @@ def raised_score(drivers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def explain_hits(
-    engine: Engine,
-    pipe: Pipeline,
+    pipe: Explained,
     request: Request,
     item_ids: Sequence[str],
     *,
-    use_rerank: bool,
+    use_reranker: bool,
     cowatch: bool = False,
     top: int = 3,
 ) -> dict[str, dict[str, Any]]:
     """An explanation per item: the top ``top`` drivers (history items or query terms) with their score drop.
 
-    ``pipe`` is the pipeline that ranked the items; ``cowatch`` says its co-watch scores took part (the
-    co-watched history items are then listed).
+    ``pipe`` is the pipeline that ranked the items; ``use_reranker`` says its cross-encoder ranked them (else
+    its bi-encoder did), ``cowatch`` that its co-watch scores took part (the co-watched history items are then
+    listed).
     """
     if not item_ids:
         return {}
-    method = "reranker" if use_rerank else "bi-encoder"
+    method = "reranker" if use_reranker else "bi-encoder"
     if request.history:
-        return _explain_recommendation(engine, pipe, request, item_ids, use_rerank, cowatch, top, method)
-    return _explain_search(pipe, request, item_ids, use_rerank, top, method)
+        return _explain_recommendation(pipe, request, item_ids, use_reranker, cowatch, top, method)
+    return _explain_search(pipe, request, item_ids, use_reranker, top, method)
 
 
 def _explain_recommendation(
-    engine, pipe, request, item_ids, use_rerank, cowatch, top, method
+    pipe: Explained,
+    request: Request,
+    item_ids: Sequence[str],
+    use_reranker: bool,
+    cowatch: bool,
+    top: int,
+    method: str,
 ) -> dict[str, dict[str, Any]]:
-    config = engine.config.text
-    catalogue = engine.catalogue()
-    index = pipe.index
-    context = [h for h in request.history[: config.history_size] if h in catalogue and h in index]
-    variants = [user_text([h for h in context if h != drop], catalogue, config) for drop in context]
-    scores = _scores(pipe, [request.text, *variants], item_ids, use_rerank)
+    catalogue, index = pipe.catalogue, pipe.index
+    context = [h for h in request.history[: pipe.text.history_size] if h in catalogue and h in index]
+    variants = [user_text([h for h in context if h != drop], catalogue, pipe.text) for drop in context]
+    scores = pipe.pair_scores([request.text, *variants], item_ids, use_reranker=use_reranker)
     base, edited = scores[0], scores[1:]
     vecs = index.vectors(list(context) + list(item_ids)) if context else None
     out: dict[str, dict[str, Any]] = {}
@@ -119,11 +127,17 @@ def content_terms(text: str) -> tuple[list[str], list[int]]:
 _PUNCTUATION = "\"'`.,;:!?()[]{}<>«»“”‘’"
 
 
-def _explain_search(pipe, request, item_ids, use_rerank, top, method) -> dict[str, dict[str, Any]]:
+def _explain_search(
+    pipe: Explained, request: Request, item_ids: Sequence[str], use_reranker: bool, top: int, method: str
+) -> dict[str, dict[str, Any]]:
     tokens, explained = content_terms(request.text)
     shown = [tokens[n].strip(_PUNCTUATION) or tokens[n] for n in explained]
     variants = [" ".join(t for n, t in enumerate(tokens) if n != drop) for drop in explained]
-    scores = _scores(pipe, [request.text, *variants], item_ids, use_rerank) if len(tokens) > 1 else None
+    scores = (
+        pipe.pair_scores([request.text, *variants], item_ids, use_reranker=use_reranker)
+        if len(tokens) > 1
+        else None
+    )
     out: dict[str, dict[str, Any]] = {}
     for col, item_id in enumerate(item_ids):
         if scores is None:

@@ -1,222 +1,388 @@
-"""The two stages run over a batch of requests: recall (bi-encoder + FAISS) then rerank (cross-encoder).
+"""The one ranking path: an immutable :class:`Pipeline` that serving, evaluation, tuning, explanations and the
+benchmarks all call.
 
-The same code serves one request (``Engine.search``/``recommend``) and thousands (evaluation), so what is
-measured offline is what runs online.
+A pipeline fixes, when it is built, everything a ranking depends on: the models, the index, the catalogue, what
+was counted from the event log (popularity, co-watch lists, the item texts stage 2 reads) and the serving
+:class:`Settings`. :meth:`Pipeline.rank` ranks a batch of requests end to end (recall, rerank and fuse,
+diversify, explain) and nothing else composes the stages, so what ``evaluate`` measures is what ``search`` and
+``recommend`` return. A rebuilt index or retrained model makes a new pipeline; a request in flight finishes on
+the one it started with.
+
+Every list is ranked in full and then cut at ``k``: stage 2 reorders the top ``rerank_depth`` candidates, MMR
+the top ``mmr_depth`` of the result, and what lies below each keeps its order. So the first ``k`` hits never
+depend on ``k``: a top 10 served is the top 10 evaluated.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
-import threading
+import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from twostage.rerank import Candidate, RerankedHit, fuse
+from twostage.cowatch import shared_history
+from twostage.errors import ConfigError, TwostageError
+from twostage.explain import explain_hits
+from twostage.ranker import Candidate, fuse, mmr
+from twostage.requests import Request, user_text
+from twostage.results import Hit, Ranking
 
 if TYPE_CHECKING:
-    from twostage.encoders import BiEncoder
     from twostage.index import VectorIndex
-    from twostage.requests import Catalogue, Request
-    from twostage.rerank import Reranker
+    from twostage.requests import Catalogue
+    from twostage.text import UserTemplate
 
-Scored = list[tuple[str, float]]
-
-_LOCKS_GUARD = threading.Lock()
+STAGES = ("recall", "rerank")
 
 
-def model_lock(model: object) -> threading.Lock:
-    """One lock per model object, shared by every Pipeline that uses it (pipelines are rebuilt on updates)."""
-    with _LOCKS_GUARD:
-        lock = getattr(model, "_twostage_lock", None)
-        if lock is None:
-            lock = threading.Lock()
-            model._twostage_lock = lock  # type: ignore[attr-defined]
-        return lock
+class TextEncoder(Protocol):
+    """What stage 1 needs of a bi-encoder (``twostage.encoders.BiEncoder`` is one): unit vectors for texts."""
+
+    def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray: ...
 
 
-class Pipeline:
-    """Recall and rerank with fixed models; safe to call from many threads.
+class PairScorer(Protocol):
+    """What stage 2 needs of a cross-encoder (``twostage.rerank.Reranker`` is one): a score per pair."""
 
-    Model forward passes are serialised by a lock (fast tokenizers are not re-entrant, and on CPU torch
-    already uses every core inside one call); FAISS search and the store run outside it.
+    def score(self, pairs: Sequence[tuple[str, str]], *, progress: bool = False) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a pipeline ranks with its models; every value comes from ``twostage.config`` (or tuning).
+
+    ``recall_depth`` candidates come from stage 1 (more when ``k`` asks for more); stage 2 reranks the top
+    ``rerank_depth`` of them with ``(1 − w)·z(cross-encoder) + w·z(stage 1) + c·z(co-watch)``
+    (``fusion_weight`` w, ``cowatch_weight`` c); ``popularity_weight`` β adds ``β·ln(1 + users)`` to stage
+    1 over a deeper search (see :meth:`Pipeline.rank`); ``mmr_lambda`` λ < 1 diversifies the top ``mmr_depth``.
     """
 
-    def __init__(
-        self,
-        *,
-        encoder: BiEncoder,
-        index: VectorIndex,
-        catalogue: Catalogue,
-        reranker: Reranker | None = None,
-        rerank_texts: Mapping[str, str] | None = None,
-        fusion_weight: float = 0.0,
-        cowatched: Mapping[str, Sequence[str]] | None = None,
-        cowatch_weight: float = 0.0,
-        history_size: int = 5,
-        popularity: Mapping[str, float] | None = None,
-        popularity_weight: float = 0.0,
-    ):
-        self.encoder = encoder
-        self.index = index
-        self.catalogue = catalogue
-        self.reranker = reranker
-        self.rerank_texts = rerank_texts if rerank_texts is not None else catalogue.texts
-        self.fusion_weight = fusion_weight
-        self.cowatched = cowatched or {}
-        self.cowatch_weight = cowatch_weight
-        self.history_size = history_size
-        self.popularity = popularity or {}
-        self.popularity_weight = popularity_weight
-        self._encode_lock = model_lock(encoder)
-        self._rerank_lock = model_lock(reranker) if reranker is not None else threading.Lock()
+    recall_depth: int = 100
+    rerank_depth: int = 50
+    fusion_weight: float = 0.0
+    cowatch_weight: float = 0.0
+    popularity_weight: float = 0.0
+    popularity_pool: int = 1000
+    popularity_pool_factor: int = 10
+    mmr_lambda: float | None = None
+    mmr_depth: int = 50
+    exclude_seen: bool = True
 
-    def encode(self, texts: Sequence[str]):
-        """Bi-encoder vectors for texts (under the model lock)."""
-        with self._encode_lock:
-            return self.encoder.encode(list(texts))
+    def __post_init__(self) -> None:
+        for key in ("recall_depth", "rerank_depth", "mmr_depth", "popularity_pool", "popularity_pool_factor"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"must be at least 1, got {getattr(self, key)}", key=key)
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise ConfigError(f"must be between 0 and 1, got {self.fusion_weight}", key="fusion_weight")
+        if not (self.cowatch_weight >= 0.0 and self.popularity_weight >= 0.0):
+            raise ConfigError("co-watch and popularity weights must be >= 0", key="cowatch_weight")
+        if self.mmr_lambda is not None and not 0.0 <= self.mmr_lambda <= 1.0:
+            raise ConfigError(f"must be between 0 and 1, got {self.mmr_lambda}", key="mmr_lambda")
 
-    def score_pairs(self, pairs: Sequence[tuple[str, str]]):
-        """Raw cross-encoder scores for (request text, item text) pairs (under the model lock)."""
-        if self.reranker is None:
-            raise ValueError("this pipeline has no reranker")
-        with self._rerank_lock:
-            return self.reranker.score(pairs)
+
+@dataclass(frozen=True)
+class LogCounts:
+    """What a pipeline reads from the event log, counted up to one moment (all events when serving, the
+    events before a split's cut-offs when evaluating): users per item, each item's co-watched items, and the
+    item texts stage 2 reads (which may quote the co-watch lists; None = the catalogue's texts)."""
+
+    popularity: Mapping[str, float] = field(default_factory=dict)
+    cowatched: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    rerank_texts: Mapping[str, str] | None = None
+
+
+def _new_version() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True, eq=False)
+class Pipeline:
+    """Recall and rerank with fixed models, data and settings; safe to call from many threads (the models own
+    their locks, FAISS searches concurrently, and nothing here changes after construction).
+
+    ``version`` names this exact pipeline: every :class:`~twostage.results.Ranking` it returns carries it.
+
+    Example:
+        >>> pipe = Pipeline(encoder=encoder, index=index, catalogue=catalogue, text=config.text)  # doctest: +SKIP
+        >>> [r.item_ids() for r in pipe.rank([Request("q", "space opera")], k=3)]  # doctest: +SKIP
+    """
+
+    encoder: TextEncoder
+    index: VectorIndex
+    catalogue: Catalogue
+    text: UserTemplate
+    settings: Settings = field(default_factory=Settings)
+    reranker: PairScorer | None = None
+    counts: LogCounts = field(default_factory=LogCounts)
+    version: str = field(default_factory=_new_version)
+
+    # ------------------------------------------------------------------ variants
+    def replace(self, **changes: Any) -> Pipeline:
+        """Another pipeline (with a new version) that differs in the given fields."""
+        return dataclasses.replace(self, **{"version": _new_version(), **changes})
+
+    def with_settings(self, **changes: Any) -> Pipeline:
+        """Another pipeline with some settings changed, e.g. ``with_settings(fusion_weight=1.0)``."""
+        return self.replace(settings=dataclasses.replace(self.settings, **changes))
+
+    def memoized(self) -> Pipeline:
+        """The same pipeline whose models remember their outputs (pure functions of the texts), for ranking the
+        same requests under several settings or stages: each text is encoded and each pair scored once. Its
+        variants (:meth:`with_settings`) share the memory. ``reranker.scored`` counts the pairs it ran."""
+        reranker = _MemoScorer(self.reranker) if self.reranker is not None else None
+        return self.replace(encoder=_MemoEncoder(self.encoder), reranker=reranker)
+
+    # ------------------------------------------------------------------ requests
+    def user_request(self, user_id: str, history: Sequence[str]) -> Request:
+        """A user's request from their history (item ids, newest first), rendered with this catalogue."""
+        history = tuple(history)
+        exclude = frozenset(history) if self.settings.exclude_seen else frozenset()
+        return Request(str(user_id), user_text(history, self.catalogue, self.text), exclude, history)
 
     @property
     def runs_reranker(self) -> bool:
-        """True when the cross-encoder can change the order: it is loaded and the fusion weight is below 1."""
-        return self.reranker is not None and self.fusion_weight < 1.0
+        """True when the cross-encoder can change an order: it is loaded and its fusion weight is above 0."""
+        return self.reranker is not None and self.settings.fusion_weight < 1.0
 
     def reorders(self, request: Request) -> bool:
-        """True when stage 2 can change stage 1's order for this request: the cross-encoder runs, or co-watch
+        """True when stage 2 can change stage 1's order for ``request``: the cross-encoder runs, or co-watch
         scores are fused and the request has a history to overlap."""
         if self.reranker is None:
             return False
-        return self.runs_reranker or (self.cowatch_weight > 0.0 and bool(self.cowatched and request.history))
+        cowatch = self.settings.cowatch_weight > 0.0 and bool(self.counts.cowatched) and bool(request.history)
+        return self.runs_reranker or cowatch
+
+    @property
+    def rerank_texts(self) -> Mapping[str, str]:
+        """Every item's text as stage 2 reads it (``[reranker] item_template``)."""
+        texts = self.counts.rerank_texts
+        return texts if texts is not None else self.catalogue.texts
+
+    def rerank_text(self, item_id: str) -> str:
+        """The text stage 2 reads for an item."""
+        return self.rerank_texts[item_id]
 
     def watched_with(self, request: Request, item_id: str) -> list[str]:
         """The request's recent history items that are co-watched with ``item_id`` (its co-watch score)."""
-        from twostage.cowatch import shared_history
+        return shared_history(request.history[: self.text.history_size], item_id, self.counts.cowatched)
 
-        return shared_history(request.history[: self.history_size], item_id, self.cowatched)
+    # ------------------------------------------------------------------ the one ranking path
+    def rank(
+        self,
+        requests: Sequence[Request],
+        k: int,
+        *,
+        stage: str = "rerank",
+        diversify: float | None = None,
+        explain: bool = False,
+        progress: bool = False,
+    ) -> list[Ranking]:
+        """Rank each request end to end and return its top ``k``.
 
-    def rerank_text(self, item_id: str) -> str:
-        """The text stage 2 reads for an item (``[reranker] item_template``)."""
-        return self.rerank_texts[item_id]
+        Args:
+            requests: queries or users (see :meth:`user_request`); each one's ``exclude`` items never come back.
+            k: hits per request.
+            stage: ``"rerank"`` (both stages) or ``"recall"`` (stage 1 only). Stage 2 runs only where it can
+                change the order (:meth:`reorders`); hits it did not rank say ``stage="recall"``.
+            diversify: MMR λ in [0, 1] (1 = none); None uses ``settings.mmr_lambda``.
+            explain: attach to each hit what drove it, from this pipeline's own scores
+                (:func:`twostage.explain.explain_hits`).
+            progress: progress bars over the model passes.
 
-    def with_rerank_texts(self, texts: Mapping[str, str]) -> Pipeline:
-        """The same models reading other item texts in stage 2 (e.g. co-watch lists counted before a cut-off)."""
-        other = copy.copy(self)
-        other.rerank_texts = texts
-        return other
+        Returns:
+            One :class:`~twostage.results.Ranking` per request, in input order.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise TwostageError(f"k must be a positive integer, got {k!r}")
+        if stage not in STAGES:
+            raise TwostageError(f"unknown stage '{stage}'; use 'recall' or 'rerank'")
+        lam = self.settings.mmr_lambda if diversify is None else diversify
+        if lam is not None and not 0.0 <= lam <= 1.0:
+            raise TwostageError(f"diversify is an MMR λ in [0, 1] (1 = none), got {lam}")
+        if not requests:
+            return []
+        candidates = self._recall(requests, max(self.settings.recall_depth, k), progress)
+        staged = [stage == "rerank" and self.reorders(r) for r in requests]
+        reranked = iter(
+            self._rerank(
+                [(r, c) for r, c, s in zip(requests, candidates, staged, strict=True) if s], progress
+            )
+        )
+        rankings = []
+        for request, cands, stage2 in zip(requests, candidates, staged, strict=True):
+            ordered = next(reranked) if stage2 else [_Ranked(i, s, s, None, "recall") for i, s in cands]
+            if lam is not None and lam < 1.0:
+                ordered = self._diversify(ordered, lam)
+            top = ordered[:k]
+            notes = self._explain(request, top, stage2) if explain else {}
+            hits = tuple(
+                Hit(
+                    item_id=r.item_id,
+                    score=r.score,
+                    rank=n,
+                    stage=r.stage,
+                    title=self.catalogue.title(r.item_id),
+                    recall_score=r.recall_score,
+                    rerank_score=r.rerank_score,
+                    explanation=notes.get(r.item_id),
+                )
+                for n, r in enumerate(top, start=1)
+            )
+            rankings.append(Ranking(request.request_id, request.text, hits, self.version))
+        return rankings
 
-    def with_weights(
-        self, *, fusion_weight: float | None = None, cowatch_weight: float | None = None
-    ) -> Pipeline:
-        """The same models with other stage-2 weights (to compare settings on the same candidates)."""
-        other = copy.copy(self)
-        if fusion_weight is not None:
-            other.fusion_weight = fusion_weight
-        if cowatch_weight is not None:
-            other.cowatch_weight = cowatch_weight
-        return other
-
-    def with_cowatched(self, lists: Mapping[str, Sequence[str]]) -> Pipeline:
-        """The same models and weights with other co-watch lists (e.g. counted before a split's cut-offs)."""
-        other = copy.copy(self)
-        other.cowatched = lists
-        return other
-
-    def with_popularity(self, popularity: Mapping[str, float], weight: float | None = None) -> Pipeline:
-        """The same models with another popularity table (e.g. counted only before a split's cut-off)."""
-        other = copy.copy(self)
-        other.popularity = popularity
-        if weight is not None:
-            other.popularity_weight = weight
-        return other
-
-    def recall(self, requests: Sequence[Request], depth: int, *, progress: bool = False) -> list[Scored]:
-        """Top-``depth`` candidates per request, excluding each request's ``exclude`` items.
+    # ------------------------------------------------------------------ its steps
+    def _recall(
+        self, requests: Sequence[Request], depth: int, progress: bool
+    ) -> list[list[tuple[str, float]]]:
+        """Top-``depth`` stage-1 candidates per request, excluding each request's ``exclude`` items.
 
         With ``popularity_weight`` β > 0 the score is ``cos(q, i) + β · ln(1 + users(i))``: a popularity prior
         that undoes the bias of in-batch negatives (a popular item is another example's positive more often,
         so MultipleNegativesRankingLoss learns to push it down; this is the logQ correction of sampled
-        softmax, applied at serving time). FAISS is searched deeper (10 × depth, at least 1,000) and the
-        candidates re-sorted, so popular items outside the cosine top-depth can come in (on ml-latest-small,
-        validation Recall@100 was 0.21 with a 300-deep search and 0.29 with 1,000).
+        softmax, applied at serving time). FAISS is searched deeper (``popularity_pool_factor`` × depth, at
+        least ``popularity_pool``) and the candidates re-sorted, so popular items outside the cosine top-depth
+        can come in (on ml-latest-small, validation Recall@100 was 0.21 with a 300-deep search and 0.29 with
+        1,000).
         """
-        if not requests:
-            return []
-        with self._encode_lock:
-            query_vecs = self.encoder.encode([r.text for r in requests], progress=progress)
+        vecs = self.encoder.encode([r.text for r in requests], progress=progress)
         exclude = [r.exclude for r in requests] if any(r.exclude for r in requests) else None
-        if self.popularity_weight <= 0 or not self.popularity:
-            return self.index.search(query_vecs, depth, exclude=exclude)
-        deep = self.index.search(query_vecs, max(10 * depth, 1000), exclude=exclude)
-        beta, pop = self.popularity_weight, self.popularity
+        beta, popularity = self.settings.popularity_weight, self.counts.popularity
+        if beta <= 0 or not popularity:
+            return self.index.search(vecs, depth, exclude=exclude)
+        pool = max(self.settings.popularity_pool_factor * depth, self.settings.popularity_pool)
         out = []
-        for hits in deep:
-            rescored = [(i, s + beta * math.log1p(pop.get(i, 0.0))) for i, s in hits]
+        for hits in self.index.search(vecs, pool, exclude=exclude):
+            rescored = [(i, s + beta * math.log1p(popularity.get(i, 0.0))) for i, s in hits]
             rescored.sort(key=lambda x: (-x[1], x[0]))
             out.append(rescored[:depth])
         return out
 
-    def rerank(
-        self,
-        requests: Sequence[Request],
-        candidates: Sequence[Scored],
-        depth: int,
-        *,
-        texts: Sequence[str] | None = None,
-        progress: bool = False,
-    ) -> list[list[RerankedHit]]:
-        """Rerank the top ``depth`` candidates of each request (all of them come back, reordered).
-
-        ``texts`` overrides the request texts (explanations rescore edited contexts this way). With fusion
-        weight 1 the cross-encoder cannot change the order, so it is not run: the hits keep stage-1 order
-        (reordered by co-watch scores when their weight is above 0) and their ``rerank_score`` is NaN.
-        """
-        if self.reranker is None:
-            raise ValueError("this pipeline has no reranker")
-        batch = []
-        for n, (request, cands) in enumerate(zip(requests, candidates, strict=True)):
-            top = [
-                Candidate(
-                    i, self.rerank_text(i), s, len(self.watched_with(request, i)) if self.cowatched else 0
-                )
-                for i, s in cands[:depth]
+    def _rerank(
+        self, batch: Sequence[tuple[Request, list[tuple[str, float]]]], progress: bool
+    ) -> list[list[_Ranked]]:
+        """Each request's candidates with the top ``rerank_depth`` reordered by the fused score, the rest below
+        in stage-1 order, scored under the head so ranks and scores agree. All pairs of the batch are scored in
+        one cross-encoder pass; with fusion weight 1 the cross-encoder cannot change the order and is not run."""
+        depth, cowatched = self.settings.rerank_depth, bool(self.counts.cowatched)
+        heads = [
+            [Candidate(i, s, len(self.watched_with(r, i)) if cowatched else 0) for i, s in cands[:depth]]
+            for r, cands in batch
+        ]
+        sizes = [len(h) for h in heads]
+        if self.runs_reranker and sum(sizes):
+            pairs = [
+                (r.text, self.rerank_text(c.item_id))
+                for (r, _), head in zip(batch, heads, strict=True)
+                for c in head
             ]
-            batch.append((texts[n] if texts is not None else request.text, top))
-        weights = {"fusion_weight": self.fusion_weight, "cowatch_weight": self.cowatch_weight}
-        if not self.runs_reranker:
-            return [fuse(top, np.full(len(top), np.nan), k=depth, **weights) for _, top in batch]
-        with self._rerank_lock:
-            return self.reranker.rerank_batch(batch, k=depth, progress=progress, **weights)
+            scores = np.asarray(self.reranker.score(pairs, progress=progress), dtype=np.float64)  # type: ignore[union-attr]
+        else:
+            scores = np.full(sum(sizes), np.nan)
+        starts = np.cumsum([0, *sizes])
+        out = []
+        for (_, cands), head, start in zip(batch, heads, starts[:-1], strict=True):
+            fused = fuse(
+                head,
+                scores[start : start + len(head)],
+                k=max(len(head), 1),
+                fusion_weight=self.settings.fusion_weight,
+                cowatch_weight=self.settings.cowatch_weight,
+            )
+            ranked = [
+                _Ranked(
+                    h.item_id,
+                    h.score,
+                    h.stage1_score,
+                    h.rerank_score if self.runs_reranker else None,
+                    "rerank",
+                )
+                for h in fused
+            ]
+            floor = min((h.score for h in fused), default=0.0)
+            ranked += [
+                _Ranked(i, floor - 1.0 - n, s, None, "recall") for n, (i, s) in enumerate(cands[depth:])
+            ]
+            out.append(ranked)
+        return out
 
-    def run(
-        self, requests: Sequence[Request], *, depth: int, rerank_depth: int | None, progress: bool = False
-    ) -> tuple[list[Scored], list[Scored] | None, list[list[RerankedHit]] | None]:
-        """Both stages: stage-1 lists, final lists (reranked head + the rest of stage 1), and rerank hits.
+    def _diversify(self, ordered: list[_Ranked], lam: float) -> list[_Ranked]:
+        """MMR over the top ``mmr_depth``; the rest keeps its order below.
 
-        The rest of the stage-1 list is kept after the reranked head, so deep metrics (R@100) stay defined
-        for the full pipeline and equal stage 1's beyond the rerank depth.
+        Relevance is the rank in ``ordered`` (linearly from 1 to 0): the fused head and the stage-1 tail are
+        scored on different scales, and the rank is what both stages agreed on. Greedy MMR picks in an order
+        that does not depend on how many it picks, so the top k of a diversified list never depends on k.
         """
-        stage1 = self.recall(requests, depth, progress=progress)
-        if self.reranker is None or not rerank_depth:
-            return stage1, None, None
-        hits = self.rerank(requests, stage1, rerank_depth, progress=progress)
-        return stage1, with_reranked_head(stage1, hits), hits
+        pool = ordered[: self.settings.mmr_depth]
+        if len(pool) < 2 or lam >= 1.0:
+            return ordered
+        vecs = self.index.vectors([r.item_id for r in pool])
+        picked = mmr(vecs, np.linspace(1.0, 0.0, len(pool)), k=len(pool), lam=lam)
+        return [pool[p] for p in picked] + ordered[len(pool) :]
+
+    def _explain(self, request: Request, top: list[_Ranked], stage2: bool) -> dict[str, dict[str, Any]]:
+        """Explanations from the scores that ranked these hits: the cross-encoder's where it ran, else stage 1's;
+        the co-watched history items where co-watch scores took part."""
+        return explain_hits(
+            self,
+            request,
+            [r.item_id for r in top],
+            use_reranker=stage2 and self.runs_reranker,
+            cowatch=stage2 and self.settings.cowatch_weight > 0,
+        )
+
+    def pair_scores(self, texts: Sequence[str], item_ids: Sequence[str], *, use_reranker: bool) -> np.ndarray:
+        """Scores of every (text, item): a texts × items matrix from the cross-encoder (on stage 2's item texts)
+        or the bi-encoder (cosine with the indexed vectors). Explanations rescore edited requests with it."""
+        if use_reranker:
+            if self.reranker is None:
+                raise TwostageError("this pipeline has no reranker")
+            pairs = [(t, self.rerank_text(i)) for t in texts for i in item_ids]
+            scores = np.asarray(self.reranker.score(pairs), dtype=np.float64)
+            return scores.reshape(len(texts), len(item_ids))
+        text_vecs = self.encoder.encode(list(texts))
+        return (text_vecs @ self.index.vectors(list(item_ids)).T).astype(np.float64)
 
 
-def with_reranked_head(stage1: Sequence[Scored], hits: Sequence[list[RerankedHit]]) -> list[Scored]:
-    """Each stage-1 list with its head replaced by the reranked hits; the tail keeps stage-1 order, scored
-    below the head so ranks stay consistent with scores."""
-    final = []
-    for cands, reranked in zip(stage1, hits, strict=True):
-        head = [(h.item_id, h.score) for h in reranked]
-        floor = min((s for _, s in head), default=0.0)
-        final.append(head + [(i, floor - 1.0 - n) for n, (i, _) in enumerate(cands[len(head) :])])
-    return final
+class _MemoEncoder:
+    """A bi-encoder that encodes each distinct text once."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder, self.vectors = encoder, {}
+
+    def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in self.vectors))
+        if new:
+            self.vectors.update(zip(new, self.encoder.encode(new, progress=progress), strict=True))
+        if not texts:
+            return self.encoder.encode([], progress=False)
+        return np.stack([self.vectors[t] for t in texts])
+
+
+class _MemoScorer:
+    """A cross-encoder that scores each distinct (request, item) pair once; ``scored`` counts the pairs run."""
+
+    def __init__(self, scorer: PairScorer):
+        self.scorer, self.scores, self.scored = scorer, {}, 0
+
+    def score(self, pairs: Sequence[tuple[str, str]], *, progress: bool = False) -> np.ndarray:
+        new = list(dict.fromkeys(p for p in pairs if p not in self.scores))
+        if new:
+            self.scores.update(zip(new, np.asarray(self.scorer.score(new, progress=progress)), strict=True))
+            self.scored += len(new)
+        return np.asarray([self.scores[p] for p in pairs], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """One entry of a ranked list before it becomes a Hit: its sort score and what each stage said."""
+
+    item_id: str
+    score: float
+    recall_score: float
+    rerank_score: float | None
+    stage: str

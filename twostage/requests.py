@@ -15,8 +15,8 @@ from twostage.errors import ConfigError, NotFoundError, did_you_mean
 from twostage.text import render_item, render_user, template_fields
 
 if TYPE_CHECKING:
-    from twostage.config import TextConfig
     from twostage.store import Store
+    from twostage.text import UserTemplate
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Catalogue:
         return {i: set(r.get("categories") or []) for i, r in self.records.items()}
 
 
-def user_text(history: Sequence[str], catalogue: Catalogue, config: TextConfig) -> str:
+def user_text(history: Sequence[str], catalogue: Catalogue, config: UserTemplate) -> str:
     """A user's context text from item ids, newest first."""
     recs = [catalogue.records[i] for i in history[: config.history_size] if i in catalogue.records]
     return render_user(recs, config)
@@ -99,7 +99,7 @@ def user_text(history: Sequence[str], catalogue: Catalogue, config: TextConfig) 
 def split_requests(
     store: Store,
     catalogue: Catalogue,
-    config: TextConfig,
+    config: UserTemplate,
     *,
     split: str,
     part: str,
@@ -145,14 +145,3 @@ def split_requests(
         )
         for u in ids
     ]
-
-
-def live_user_request(
-    store: Store, catalogue: Catalogue, config: TextConfig, user_id: str, *, exclude_seen: bool = True
-) -> Request:
-    """A user's request for serving: all their events, newest first."""
-    history = store.histories([user_id])[user_id]
-    if not history:
-        raise NotFoundError(f"unknown user '{user_id}' (no events); check the id or ingest their events")
-    exclude = frozenset(history) if exclude_seen else frozenset()
-    return Request(user_id, user_text(history, catalogue, config), exclude, tuple(history))

@@ -22,11 +22,13 @@ class Hit:
 
 @dataclass(frozen=True)
 class Ranking:
-    """The answer to one request (a query or a user), best first."""
+    """The answer to one request (a query or a user), best first; ``version`` names the pipeline (models,
+    index, data and settings) that produced it."""
 
     request_id: str
     request_text: str
     hits: tuple[Hit, ...] = field(default_factory=tuple)
+    version: str = ""
 
     def item_ids(self) -> list[str]:
         return [h.item_id for h in self.hits]

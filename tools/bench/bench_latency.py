@@ -34,10 +34,10 @@ from common import RESULTS, percentiles, repeat, write
 
 from twostage import Engine
 from twostage.cowatch import shared_history
-from twostage.engine import shallowest_depth
 from twostage.metrics import mean_metric
+from twostage.ranker import Candidate, fuse
 from twostage.requests import Request
-from twostage.rerank import Candidate, fuse
+from twostage.tuning import shallowest_depth
 
 BENCH = Path(tempfile.gettempdir()) / "twostage-bench"
 DEPTH = 100
@@ -55,19 +55,21 @@ class Plain:
     def __init__(self, engine: Engine, split: str | None = None):
         import faiss
 
-        self.fusion_weight = engine.fusion_weight()
-        self.cowatch_weight = engine.cowatch_weight()
-        self.cowatched = engine.cowatch_lists(split) if self.cowatch_weight > 0 else {}
+        settings, project = engine.pipeline().settings, engine.project
+        self.fusion_weight = settings.fusion_weight
+        self.cowatch_weight = settings.cowatch_weight
+        self.cowatched = project.cowatch_lists(split) if self.cowatch_weight > 0 else {}
         self.history_size = engine.config.text.history_size
-        self.texts = engine.rerank_texts(split)
+        self.depth_tolerance = engine.config.reranker.depth_tolerance
+        self.texts = project.rerank_texts(split)
         from sentence_transformers import CrossEncoder, SentenceTransformer
 
-        self.catalogue = engine.catalogue()
+        self.catalogue = project.catalogue()
         self.ids = self.catalogue.item_ids
-        self.bi = SentenceTransformer(str(engine.models_dir("retriever")), device="cpu")
-        self.ce = CrossEncoder(str(engine.models_dir("reranker")), device="cpu")
+        self.bi = SentenceTransformer(str(project.models_dir("retriever")), device="cpu")
+        self.ce = CrossEncoder(str(project.models_dir("reranker")), device="cpu")
         # item vectors from the same fine-tuned model (query latency does not include building the index)
-        vecs = engine.index().vectors(self.ids)
+        vecs = project.index().vectors(self.ids)
         self.index = faiss.IndexFlatIP(vecs.shape[1])
         self.index.add(np.ascontiguousarray(vecs, dtype=np.float32))
 
@@ -76,14 +78,14 @@ class Plain:
         exclude, recent = request.exclude, request.history[: self.history_size]
         scores, rows = self.index.search(np.ascontiguousarray(qv, dtype=np.float32), DEPTH + len(exclude))
         found = [
-            Candidate(i, self.texts[i], float(s), len(shared_history(recent, i, self.cowatched)))
+            Candidate(i, float(s), len(shared_history(recent, i, self.cowatched)))
             for i, s in ((self.ids[r], s) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0)
             if i not in exclude
         ]
         return found[:DEPTH]
 
     def rerank_scores(self, text: str, cands: list[Candidate]) -> np.ndarray:
-        return np.asarray(self.ce.predict([(text, c.text) for c in cands], batch_size=32))
+        return np.asarray(self.ce.predict([(text, self.texts[c.item_id]) for c in cands], batch_size=32))
 
     def order(self, cands: list[Candidate], scores: np.ndarray, depth: int) -> list[str]:
         """Fuse the top ``depth`` candidates' scores (the rest keep stage-1 order below them)."""
@@ -105,7 +107,7 @@ def choose_depth(plain: Plain, requests: list[Request], targets: list[dict[str, 
     table = {}
     for d in (10, 15, 20, 30, 50, 100):
         table[d] = ndcg10([plain.order(cands, scores, d) for cands, scores in per_request], targets)
-    chosen = shallowest_depth(table, 100)
+    chosen = shallowest_depth(table, 100, plain.depth_tolerance)
     return {"ndcg_by_depth": table, "chosen": chosen}
 
 
@@ -160,7 +162,7 @@ def search_bench(n_queries: int, n_valid: int) -> dict[str, Any]:
     out["queries"] = len(ids)
     # batch throughput: ours reranks all requests' pairs in one batched pass; plain loops per query
     pipe = engine.pipeline()
-    ours_batch = repeat(lambda: pipe.run(reqs, depth=DEPTH, rerank_depth=depth["chosen"]), 1)[0]
+    ours_batch = repeat(lambda: pipe.rank(reqs, K), 1)[0]
     out["throughput"] = {
         "ours_requests_per_s": len(reqs) / ours_batch,
         "plain_requests_per_s": 1.0 / out["plain_seconds"]["median"],
@@ -183,18 +185,17 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     engine = Engine.open(
         BENCH / "movielens", overrides={"index.depth": DEPTH, "retriever.popularity_weight": prior}
     )
-    depth = {"chosen": engine.rerank_depth(), "from": "models/reranker/training.json (validation users)"}
-    test = split_requests(store, engine.catalogue(), engine.config.text, split="leave-last-out", part="test")
+    pipe = engine.pipeline("leave-last-out")  # popularity and co-watch counted before the test cut-off
+    depth = {"chosen": pipe.settings.rerank_depth, "from": "models/reranker/training.json (validation users)"}
+    test = split_requests(store, pipe.catalogue, engine.config.text, split="leave-last-out", part="test")
     random.Random(0).shuffle(test)
     test = test[:n_users]
     tt = store.targets("leave-last-out", "test")
-    # serving uses the user's whole history; for a held-out measurement we serve the test-time context
-    pipe = engine.split_pipeline("leave-last-out")  # popularity counted before the test cut-off
+    # serving uses the user's whole history; for a held-out measurement we serve the test-time context, as
+    # engine.recommend(user, split="leave-last-out") does
 
     def serve(request: Request) -> list[str]:
-        stage1 = pipe.recall([request], DEPTH)
-        hits = pipe.rerank([request], stage1, depth["chosen"])[0]
-        return [h.item_id for h in hits][:K]
+        return pipe.rank([request], K)[0].item_ids()
 
     serve(test[0])
     plain.query(test[0])
@@ -205,8 +206,8 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     out["depth_selection"] = depth
     out["users"] = len(test)
     out["ours_popularity_prior"] = prior
-    out["fusion_weight"] = engine.fusion_weight()
-    out["cowatch_weight"] = engine.cowatch_weight()
+    out["fusion_weight"] = pipe.settings.fusion_weight
+    out["cowatch_weight"] = pipe.settings.cowatch_weight
     return out
 
 
@@ -219,8 +220,9 @@ def build_bench(name: str) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
     shutil.copytree(src, tmp / "p", ignore=shutil.ignore_patterns("cache", "indexes"))
     engine = Engine.open(tmp / "p")
-    texts = [engine.catalogue().text(i) for i in engine.catalogue().item_ids]
-    model = SentenceTransformer(str(engine.models_dir("retriever")), device="cpu")
+    catalogue = engine.project.catalogue()
+    texts = [catalogue.text(i) for i in catalogue.item_ids]
+    model = SentenceTransformer(str(engine.project.models_dir("retriever")), device="cpu")
     model.max_seq_length = engine.config.retriever.max_seq_length
     started = time.perf_counter()
     vecs = model.encode(texts, normalize_embeddings=True)
@@ -228,15 +230,15 @@ def build_bench(name: str) -> dict[str, Any]:
     index.add(np.ascontiguousarray(vecs, dtype=np.float32))
     plain_s = time.perf_counter() - started
     started = time.perf_counter()
-    engine.build_index()
+    engine.index_build()
     ours_full = time.perf_counter() - started
     # 1% of items change text: incremental update re-encodes only those
-    ids = engine.catalogue().item_ids
+    ids = catalogue.item_ids
     changed = random.Random(0).sample(ids, max(1, len(ids) // 100))
     for i in changed:
-        engine.catalogue().texts[i] += " (updated)"
+        catalogue.texts[i] += " (updated)"
     started = time.perf_counter()
-    engine.update_index(changed)
+    engine.index_add(changed)
     incremental = time.perf_counter() - started
     shutil.rmtree(tmp, ignore_errors=True)
     return {

@@ -20,7 +20,6 @@ from typing import Any
 from common import SHARED_DATA, write
 
 from twostage import Engine
-from twostage.pipeline import Pipeline
 
 SCIFACT_TOML = """
 [text]
@@ -109,21 +108,16 @@ def scifact(quick: bool, root: Path) -> dict[str, Any]:
         )
     )
     engine = Engine.open(root)
-    timed(times, "ingest", lambda: engine.load_dataset("beir", SHARED_DATA / "scifact"))
+    timed(times, "ingest", lambda: engine.datasets_load("beir", SHARED_DATA / "scifact"))
     engine.split()
     # 1. zero-shot bi-encoder (+ BM25 baseline)
-    timed(times, "index_zero_shot", engine.build_index)
+    timed(times, "index_zero_shot", engine.index_build)
     zero = timed(times, "eval_zero_shot", lambda: engine.evaluate())
     # 2. fine-tuned bi-encoder
     trained = timed(times, "train_retriever", engine.train_retriever)
-    timed(times, "index_fine_tuned", engine.build_index)
+    timed(times, "index_fine_tuned", engine.index_build)
     # 3. untrained reranker (fresh 1-logit head on MiniLM) on the fine-tuned stage 1
-    untrained = Pipeline(
-        encoder=engine.retriever(),
-        index=engine.index(),
-        catalogue=engine.catalogue(),
-        reranker=engine.reranker(base=True),
-    )
+    untrained = engine.pipeline().replace(reranker=engine.project.reranker(base=True))
     base_rr = timed(
         times, "eval_untrained_reranker", lambda: engine.evaluate(baselines=False, pipeline=untrained)
     )
@@ -158,11 +152,11 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
         )
     )
     engine = Engine.open(root)
-    timed(times, "ingest", lambda: engine.load_dataset("movielens", SHARED_DATA / "ml-latest-small"))
+    timed(times, "ingest", lambda: engine.datasets_load("movielens", SHARED_DATA / "ml-latest-small"))
     engine.split()
     trained = timed(times, "train_retriever", engine.train_retriever)
-    timed(times, "index", engine.build_index)
-    prior = timed(times, "tune_prior", engine.tune_popularity_weight)
+    timed(times, "index", engine.index_build)
+    prior = timed(times, "tune_prior", lambda: tune_prior(engine))
     print(f"  popularity prior on valid: {prior}")
     engine = Engine.open(root, overrides={"retriever.popularity_weight": prior["best"]})
     timed(times, "train_reranker", engine.train_reranker)
@@ -186,11 +180,25 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
     }
 
 
+def tune_prior(engine: Engine) -> dict[str, Any]:
+    """The stage-1 popularity prior chosen on the validation users (highest Recall@100)."""
+    from twostage.requests import split_requests
+    from twostage.tuning import choose_popularity_weight
+
+    split = engine.default_split()
+    pipe = engine.project.pipeline(split, all_counts=True)  # popularity counted before the cut-offs
+    requests = split_requests(engine.store, pipe.catalogue, engine.config.text, split=split, part="valid")
+    targets = engine.store.targets(split, "valid")
+    return choose_popularity_weight(
+        pipe, requests, [targets[r.request_id] for r in requests], engine.config.retriever
+    )
+
+
 def reranker_record(engine: Engine) -> dict[str, Any]:
     """What training and validation tuning saved with the project's reranker."""
     import json
 
-    record = json.loads((engine.models_dir("reranker") / "training.json").read_text())
+    record = json.loads((engine.project.models_dir("reranker") / "training.json").read_text())
     keep = ("metrics", "steps", "train_lists", "seconds", "fusion_weight", "cowatch_weight", "rerank_depth")
     return {"best": record["best_metric"], **{k: record.get(k) for k in keep}, "tuning": record}
 
@@ -212,13 +220,13 @@ def stage2_ablation(engine: Engine) -> dict[str, Any]:
         variants["co-watch, no cross-encoder"] = (1.0, best_c)
     out = {}
     for name, (w, c) in variants.items():
-        pipe = engine.pipeline().with_weights(fusion_weight=w, cowatch_weight=c)
+        pipe = engine.pipeline().with_settings(fusion_weight=w, cowatch_weight=c)
         report = engine.evaluate(baselines=False, pipeline=pipe)
         out[name] = {
             "fusion_weight": w,
             "cowatch_weight": c,
             "valid_ndcg@10_full_depth": grid[(w, c)],
-            "rerank_depth": engine.rerank_depth(),
+            "rerank_depth": pipe.settings.rerank_depth,
             "eval": rows(report)["rerank"],
             "comparisons": [x for x in report.comparisons if x["metric"] in ("nDCG@10", "R@10")],
         }
@@ -240,7 +248,7 @@ def rerank_only(dataset: str, root: Path, retune: bool) -> dict[str, Any]:
     overrides = {"retriever.popularity_weight": prior["best"]} if prior else None
     engine = Engine.open(root, overrides=overrides)
     if retune:
-        timed(times, "tune_reranker", engine.tune_reranker)
+        timed(times, "tune_reranker", lambda: engine.train_reranker(tune_only=True))
     else:
         timed(times, "train_reranker", engine.train_reranker)
     engine = Engine.open(root, overrides=overrides)

@@ -8,6 +8,7 @@ the model learns "what comes next" exactly as it is asked at serving time. Searc
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -110,6 +111,19 @@ def validation_set(
     )
     targets = store.targets(split, "valid")
     return Validation(requests, {r.request_id: targets[r.request_id] for r in requests})
+
+
+def validation_corpus(
+    texts: Mapping[str, str], relevant: Mapping[str, Mapping[str, float]], size: int, seed: int
+) -> dict[str, str]:
+    """The items retriever early stopping searches: every relevant item plus a seeded sample of the rest, up
+    to ``size``. Encoding a large catalogue at every evaluation would cost more than the training steps
+    themselves; recall against a few thousand distractors ranks checkpoints the same way.
+    """
+    keep = {i for rel in relevant.values() for i in rel if i in texts}
+    rest = sorted(i for i in texts if i not in keep)
+    extra = random.Random(seed).sample(rest, max(0, min(len(rest), size - len(keep))))
+    return {i: texts[i] for i in sorted(keep | set(extra))}
 
 
 def reranker_requests(

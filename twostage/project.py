@@ -1,0 +1,387 @@
+"""A project on disk and what is loaded from it, each thing once.
+
+A project is a directory: ``twostage.toml`` (config), ``twostage.duckdb`` (store), ``models/`` (fine-tuned
+models), ``indexes/`` (FAISS artifacts) and ``cache/`` (item embeddings). :class:`Project` knows the layout,
+loads the catalogue, models, index and log counts, and assembles them into pipelines.
+
+Loaded values are memoised by what they are read from (items, events, splits, models, the reranker's tuning
+record, the index), and :meth:`Project.changed` drops exactly the values read from what changed. A value
+being computed blocks only the threads that want that same value, so a co-watch count for an evaluation never
+stalls a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twostage.atomic import replace_dir
+from twostage.cowatch import FIELD, co_watched
+from twostage.errors import NotFoundError
+from twostage.pipeline import LogCounts, Pipeline, Settings
+from twostage.requests import Catalogue
+from twostage.store import Store
+from twostage.text import template_fields
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from twostage.config import Config
+    from twostage.encoders import BiEncoder
+    from twostage.index import VectorIndex
+    from twostage.rerank import Reranker
+
+logger = logging.getLogger(__name__)
+
+STORE_FILE = "twostage.duckdb"
+TRAINING_RECORD = "training.json"
+
+# what each kind of loaded value is read from; Project.changed(source) drops the kinds read from it
+_READS = {
+    "catalogue": {"items"},
+    "rerank_texts": {"items", "events", "splits"},
+    "cowatch": {"events", "splits"},
+    "popularity": {"events", "splits"},
+    "encoder": {"models"},
+    "reranker": {"models"},
+    "record": {"models", "record"},
+    "index": {"models", "index"},
+}
+SOURCES = frozenset().union(*_READS.values())
+
+
+class _Memo:
+    """Values computed once per key (a tuple whose first element is its kind). A key being computed blocks
+    only callers of that key; a value computed while :meth:`drop` ran is returned but not kept."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, Any] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._epoch = 0
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        with self._guard:
+            if key in self._values:
+                return self._values[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._guard:
+                if key in self._values:
+                    return self._values[key]
+                epoch = self._epoch
+            value = compute()
+            with self._guard:
+                if self._epoch == epoch:
+                    self._values[key] = value
+            return value
+
+    def drop(self, kinds: Iterable[str]) -> None:
+        kinds = set(kinds)
+        with self._guard:
+            self._epoch += 1
+            for key in [k for k in self._values if k[0] in kinds]:
+                del self._values[key]
+
+
+class Project:
+    """One project directory: paths, the store, and the artifacts loaded from them (memoised)."""
+
+    def __init__(self, root: str | Path, config: Config, *, progress: bool = False):
+        self.root = Path(root)
+        self.config = config
+        self.progress = progress
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
+        self._memo = _Memo()
+
+    # ------------------------------------------------------------------ layout
+    def models_dir(self, which: str) -> Path:
+        return self.root / "models" / which
+
+    def index_dir(self, name: str | None = None) -> Path:
+        return self.root / "indexes" / (name or self.config.index.name)
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "cache" / "embeddings"
+
+    @property
+    def store(self) -> Store:
+        with self._store_lock:
+            if self._store is None:
+                self._store = Store(self.root / STORE_FILE)
+            return self._store
+
+    def close(self) -> None:
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def changed(self, *sources: str) -> None:
+        """Forget what was read from ``sources`` (items, events, splits, models, record, index)."""
+        unknown = set(sources) - SOURCES
+        if unknown:
+            raise ValueError(f"unknown sources {sorted(unknown)}; use {sorted(SOURCES)}")
+        self._memo.drop(kind for kind, read in _READS.items() if read & set(sources))
+
+    def default_split(self) -> str:
+        """The split to use when none is named: the config's strategy, if it was made, else the only one."""
+        names = self.store.split_names()
+        if self.config.split.strategy in names:
+            return self.config.split.strategy
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise NotFoundError("no split yet; run 'twostage split' first")
+        raise NotFoundError(f"several splits ({', '.join(names)}); name one with --split")
+
+    def record_run(
+        self, kind: str, fingerprint: str | None = None, extra: dict[str, Any] | None = None
+    ) -> str:
+        return self.store.new_run(kind, {**self.config.to_dict(), **(extra or {})}, fingerprint)
+
+    def replace_model(self, which: str, staged: Path) -> Path:
+        """Move a freshly trained model directory into place atomically (then forget the models: ``changed``)."""
+        target = replace_dir(staged, self.models_dir(which))
+        logger.info("%s saved to %s", which, target)
+        return target
+
+    # ------------------------------------------------------------------ items
+    def catalogue(self) -> Catalogue:
+        """All items with their texts (item template), templates checked against the items' fields."""
+
+        def load() -> Catalogue:
+            catalogue = Catalogue.from_store(self.store, self.config.text.item_template)
+            if not len(catalogue):
+                raise NotFoundError("the store has no items; ingest items first")
+            text, rerank_template = self.config.text, self.config.reranker.item_template
+            catalogue.check_templates(
+                {
+                    "text.item_template": text.item_template,
+                    "text.history_item_template": text.history_item_template,
+                    **({"reranker.item_template": rerank_template} if rerank_template is not None else {}),
+                }
+            )
+            return catalogue
+
+        return self._memo.get(("catalogue",), load)
+
+    def text_fingerprint(self) -> str:
+        """What item vectors depend on in ``[text]``: the item template only (user settings do not)."""
+        template = self.config.text.item_template
+        return hashlib.sha256(f"item_template={template}".encode()).hexdigest()[:16]
+
+    def item_vectors(
+        self, encoder: BiEncoder, item_ids: list[str] | None = None
+    ) -> tuple[list[str], np.ndarray]:
+        """Embeddings of catalogue items, through the embedding cache (only new and changed texts are encoded)."""
+        from twostage.encoders import EmbeddingCache, encode_cached
+
+        catalogue = self.catalogue()
+        ids = item_ids if item_ids is not None else catalogue.item_ids
+        cache = EmbeddingCache(self.embeddings_dir)
+        vecs = encode_cached(encoder, [catalogue.text(i) for i in ids], cache, progress=self.progress)
+        return ids, vecs
+
+    # ------------------------------------------------------------------ models and index
+    def retriever(self, *, base: bool = False) -> BiEncoder:
+        """The bi-encoder: the project's fine-tuned one when it exists (unless ``base``), else the configured model."""
+        from twostage.encoders import BiEncoder
+
+        trained = self.models_dir("retriever")
+        source = str(trained) if trained.exists() and not base else self.config.retriever.model
+        cfg = self.config.retriever
+
+        def load() -> BiEncoder:
+            name = None if source == "default" else source
+            return BiEncoder(name, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size)
+
+        return self._memo.get(("encoder", source), load)
+
+    def reranker(self, *, base: bool = False) -> Reranker | None:
+        """The cross-encoder: the project's trained one, or a configured non-default model; None if neither or
+        ``[reranker] enabled = false``. The default base has an untrained head: only ``base=True`` gives it."""
+        cfg = self.config.reranker
+        trained = self.models_dir("reranker")
+        if base:
+            return self.load_reranker(cfg.model)
+        if not cfg.enabled:
+            return None
+        if trained.exists():
+            return self.load_reranker(str(trained))
+        return self.load_reranker(cfg.model) if cfg.model != "default" else None
+
+    def load_reranker(self, source: str) -> Reranker:
+        """A cross-encoder from a path or name (``default``: MiniLM with a fresh head), loaded once."""
+        from twostage.rerank import Reranker
+
+        cfg = self.config.reranker
+
+        def load() -> Reranker:
+            name = None if source == "default" else source
+            return Reranker(name, max_length=cfg.max_length, batch_size=cfg.batch_size)
+
+        return self._memo.get(("reranker", source), load)
+
+    def index_expect(self, encoder: BiEncoder) -> dict[str, Any]:
+        """The manifest fields an index must have to serve with ``encoder`` and this config."""
+        return {
+            "model_fingerprint": encoder.fingerprint,
+            "dim": encoder.dim,
+            "text_fingerprint": self.text_fingerprint(),
+        }
+
+    def load_index_copy(self, name: str | None = None) -> VectorIndex:
+        """A private copy of the saved index (to change and save without touching the one serving)."""
+        from twostage.index import VectorIndex
+
+        path = self.index_dir(name)
+        if not path.exists():
+            raise NotFoundError(f"no index at {path}; build one with 'twostage index build'")
+        return VectorIndex.load(path, expect=self.index_expect(self.retriever()))
+
+    def index(self, name: str | None = None) -> VectorIndex:
+        """The saved index, checked against the current bi-encoder and text config."""
+        return self._memo.get(("index", str(self.index_dir(name))), lambda: self.load_index_copy(name))
+
+    def reranker_record(self) -> dict[str, Any]:
+        """The trained reranker's ``training.json`` (with the serving settings chosen on validation), or {}."""
+
+        def load() -> dict[str, Any]:
+            path = self.models_dir("reranker") / TRAINING_RECORD
+            return json.loads(path.read_text()) if path.exists() else {}
+
+        return self._memo.get(("record",), load)
+
+    # ------------------------------------------------------------------ log counts
+    def _at(self, split: str | None) -> str | None:
+        """The split whose cut-offs counts stop at: ``split`` for a recommendation split, else all events."""
+        return split if split is not None and self.store.require_split(split) == "user" else None
+
+    def reads_cowatched(self) -> bool:
+        return FIELD in template_fields(self._rerank_template())
+
+    def _rerank_template(self) -> str:
+        return self.config.reranker.item_template or self.config.text.item_template
+
+    def cowatch_lists(
+        self, split: str | None = None, *, exclude_users: Iterable[str] = ()
+    ) -> dict[str, list[str]]:
+        """Each item's ``[reranker] cowatched_size`` most co-watched items, counted from the events before
+        ``split``'s cut-offs (all events when None), leaving out ``exclude_users`` (training folds; not kept)."""
+        cfg, exclude = self.config.reranker, frozenset(exclude_users)
+
+        def count() -> dict[str, list[str]]:
+            return co_watched(
+                self.store,
+                top=cfg.cowatched_size,
+                split=split,
+                exclude_users=exclude,
+                min_users=cfg.cowatch_min_users,
+                recent_items=cfg.cowatch_recent_items,
+            )
+
+        return count() if exclude else self._memo.get(("cowatch", split), count)
+
+    def rerank_texts(self, split: str | None = None, *, exclude_users: Iterable[str] = ()) -> dict[str, str]:
+        """The item texts stage 2 reads (``[reranker] item_template``); with ``{cowatched}`` the lists are those
+        of :meth:`cowatch_lists` for ``split`` and ``exclude_users``."""
+        exclude, cowatched = frozenset(exclude_users), self.reads_cowatched()
+
+        def render() -> dict[str, str]:
+            lists = self.cowatch_lists(split, exclude_users=exclude) if cowatched else None
+            return self.catalogue().texts_with(self._rerank_template(), lists)
+
+        if exclude and cowatched:
+            return render()
+        return self._memo.get(("rerank_texts", split if cowatched else None), render)
+
+    def popularity(self, split: str | None = None) -> dict[str, int]:
+        return self._memo.get(("popularity", split), lambda: self.store.popularity(split))
+
+    # ------------------------------------------------------------------ pipelines
+    def settings(self, *, with_reranker: bool) -> Settings:
+        """Serving settings: the config's, else those tuned when the reranker was trained, else the defaults."""
+        cfg, record = self.config.reranker, self.reranker_record() if with_reranker else {}
+        tuned_depth = record.get("rerank_depth")
+        if cfg.serve_depth is not None:
+            depth = cfg.serve_depth
+        else:
+            depth = min(int(tuned_depth), cfg.depth) if tuned_depth else cfg.depth
+        fusion = (
+            cfg.fusion_weight if cfg.fusion_weight is not None else float(record.get("fusion_weight") or 0.0)
+        )
+        cowatch = (
+            cfg.cowatch_weight
+            if cfg.cowatch_weight is not None
+            else float(record.get("cowatch_weight") or 0.0)
+        )
+        retriever = self.config.retriever
+        return Settings(
+            recall_depth=self.config.index.depth,
+            rerank_depth=depth,
+            fusion_weight=fusion,
+            cowatch_weight=cowatch if with_reranker else 0.0,
+            popularity_weight=retriever.popularity_weight,
+            popularity_pool=retriever.popularity_pool,
+            popularity_pool_factor=retriever.popularity_pool_factor,
+            mmr_lambda=cfg.mmr_lambda,
+            mmr_depth=cfg.mmr_depth,
+            exclude_seen=self.config.index.exclude_seen,
+        )
+
+    def pipeline(self, split: str | None = None, *, all_counts: bool = False) -> Pipeline:
+        """The project's models, index and settings, reading the log as of ``split`` (see :meth:`counted`)."""
+        reranker = self.reranker()
+        if reranker is None and self.config.reranker.cowatch_weight:
+            logger.warning(
+                "[reranker] cowatch_weight is set but there is no reranker: co-watch scores are fused in "
+                "stage 2, which needs a trained reranker (twostage train reranker)"
+            )
+        pipe = Pipeline(
+            encoder=self.retriever(),
+            index=self.index(),
+            catalogue=self.catalogue(),
+            text=self.config.text,
+            settings=self.settings(with_reranker=reranker is not None),
+            reranker=reranker,
+        )
+        return self.counted(pipe, split, all_counts=all_counts)
+
+    def counted(self, pipe: Pipeline, split: str | None = None, *, all_counts: bool = False) -> Pipeline:
+        """``pipe`` reading the log as of ``split``'s cut-offs (a recommendation split; otherwise, and when None,
+        every event): what its settings use of popularity, co-watch lists and stage-2 texts. ``all_counts``
+        counts everything even when unused (training a reranker, tuning settings)."""
+        at, settings = self._at(split), pipe.settings
+        stage2 = all_counts or pipe.reranker is not None
+        cowatch = stage2 and (all_counts or settings.cowatch_weight > 0)
+        popularity = all_counts or settings.popularity_weight > 0
+        return pipe.replace(
+            counts=LogCounts(
+                popularity=self.popularity(at) if popularity else {},
+                cowatched=self.cowatch_lists(at) if cowatch else {},
+                rerank_texts=self.rerank_texts(at) if stage2 else None,
+            )
+        )
+
+    def zero_shot(self) -> Pipeline | None:
+        """The untuned base bi-encoder over an exact index: what fine-tuning has to beat (None when the
+        project has no fine-tuned retriever, since stage 1 then is the base model)."""
+        from twostage.index import IndexSpec, VectorIndex
+
+        if not self.models_dir("retriever").exists():
+            return None
+        base = self.retriever(base=True)
+        ids, vecs = self.item_vectors(base)
+        index = VectorIndex.build(ids, vecs, IndexSpec(factory="Flat"), model_fingerprint=base.fingerprint)
+        settings = Settings(recall_depth=self.config.index.depth, exclude_seen=self.config.index.exclude_seen)
+        return Pipeline(
+            encoder=base, index=index, catalogue=self.catalogue(), text=self.config.text, settings=settings
+        )
