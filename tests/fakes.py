@@ -27,7 +27,8 @@ def words(text: str) -> list[str]:
 
 
 class FakeEncoder:
-    """Hashed bag-of-words unit vectors."""
+    """Hashed bag-of-words unit vectors, plus a small per-text component so no two texts score exactly alike
+    (real embeddings have no exact ties; a tie at a list's cut would make which item FAISS keeps arbitrary)."""
 
     fingerprint = "fake-encoder"
     dim = DIM
@@ -40,7 +41,8 @@ class FakeEncoder:
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         for row, text in enumerate(texts):
             for word in words(text):
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % DIM] += 1.0
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % (DIM - 1)] += 1.0
+            out[row, DIM - 1] = int(hashlib.md5(text.encode()).hexdigest(), 16) % 997 / 997 * 0.05
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 

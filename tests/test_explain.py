@@ -23,6 +23,9 @@ def test_recommendation_drivers_are_leave_one_out_score_drops(stage):
     use_reranker = stage == "rerank"
     for hit in ranking.hits:
         note = hit.explanation
+        # the explained score is the one that ranked the hit: the cross-encoder's logit, or stage 1's cosine
+        (own,) = pipe.pair_scores([user.text], [hit.item_id], use_reranker=use_reranker)[0]
+        assert own == pytest.approx(hit.rerank_score if use_reranker else hit.recall_score, abs=1e-5)
         assert note["method"].endswith("reranker score" if use_reranker else "bi-encoder score")
         assert "watched_with" not in note  # no co-watch scores took part
         assert len(note["drivers"]) == 3
@@ -54,12 +57,21 @@ def test_search_terms_are_content_words_and_their_score_drops():
             assert t["score_drop"] == pytest.approx(expected[t["term"]], abs=1e-4)
 
 
-def test_cowatched_history_items_are_listed_when_cowatch_ranked_the_hits():
-    lists = {i: ["m0", "m6"] for i in ITEMS}
-    pipe = pipeline(ITEMS, reranker=FakeReranker(), counts=LogCounts(cowatched=lists), cowatch_weight=0.5)
+def test_cowatched_history_items_are_listed_where_cowatch_ranked_the_hits():
+    lists = {i: ["m0", "m6"][: n % 3] for n, i in enumerate(ITEMS)}  # 0, 1 or 2 of the history each
+    counts = LogCounts(cowatched=lists)
+    pipe = pipeline(ITEMS, reranker=FakeReranker(), counts=counts, cowatch_weight=2.0, rerank_depth=5)
     user = pipe.user_request("u", ["m0", "m6", "m13"])
-    for hit in pipe.rank([user], 3, explain=True)[0].hits:
-        assert [w["item_id"] for w in hit.explanation["watched_with"]] == ["m0", "m6"]
+    ranking = pipe.rank([user], 8, explain=True)[0]
+    without = pipe.with_settings(cowatch_weight=0.0).rank([user], 5)[0]
+    assert [h.score for h in ranking.hits[:5]] != [h.score for h in without.hits]  # co-watch took part
+    for hit in ranking.hits[:5]:
+        assert [w["item_id"] for w in hit.explanation["watched_with"]] == lists[hit.item_id]
+        assert hit.explanation["method"].endswith("reranker score")
+    for hit in ranking.hits[5:]:  # below the rerank depth stage 1 ranked them, and explains them
+        assert "watched_with" not in hit.explanation and hit.explanation["method"].endswith(
+            "bi-encoder score"
+        )
     recalled = pipe.rank([user], 3, stage="recall", explain=True)[0]
     assert all("watched_with" not in h.explanation for h in recalled.hits)  # co-watch did not rank these
 

@@ -84,11 +84,15 @@ def test_only_the_cli_and_the_demo_use_the_engine():
 
 
 def test_every_config_key_is_read_outside_config():
+    """A key is read as ``<section>.<key>`` (``config.reranker.depth``), through a local or parameter named
+    ``cfg`` or ``config`` that holds the section (``cfg.depth``), or by its section's class
+    (``RerankerConfig.depth``)."""
     code = "\n".join(p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py") if p.name != "config.py")
-    unread = [
-        f"{section.name}.{key.name}"
-        for section in dataclasses.fields(Config)
-        for key in dataclasses.fields(getattr(Config(), section.name))
-        if not re.search(rf"\.{key.name}\b", code)
-    ]
+    unread = []
+    for section in dataclasses.fields(Config):
+        owner = type(getattr(Config(), section.name)).__name__
+        for key in dataclasses.fields(getattr(Config(), section.name)):
+            readers = rf"\b(?:{section.name}|cfg|config|{owner})\.{key.name}\b"
+            if not re.search(readers, code):
+                unread.append(f"{section.name}.{key.name}")
     assert unread == []

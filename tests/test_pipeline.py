@@ -48,15 +48,32 @@ def test_stage_two_reorders_the_head_by_the_cross_encoder_and_keeps_the_tail():
     assert [h.score for h in ranking.hits] == sorted((h.score for h in ranking.hits), reverse=True)
 
 
-@pytest.mark.parametrize("settings", [{}, {"mmr_lambda": 0.5}, {"fusion_weight": 0.5, "mmr_lambda": 0.3}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"mmr_lambda": 0.5},
+        {"fusion_weight": 0.5, "mmr_lambda": 0.3},
+        # pools deeper than the candidates: what k asks for must not widen them
+        {"recall_depth": 12, "rerank_depth": 20, "mmr_depth": 30, "mmr_lambda": 0.5},
+        {"recall_depth": 8, "popularity_weight": 0.3, "popularity_pool": 30, "popularity_pool_factor": 2},
+    ],
+)
 def test_a_top_k_is_the_head_of_every_longer_ranking(settings):
+    """Up to the deepest list stage 1 searches anyway (the popularity pool, with the prior on)."""
+    popularity = {f"m{i}": float(i % 7) for i in range(60)}
     pipe = pipeline(
-        ITEMS, reranker=FakeReranker(), recall_depth=40, rerank_depth=10, mmr_depth=25, **settings
+        ITEMS,
+        reranker=FakeReranker(),
+        counts=LogCounts(popularity=popularity),
+        **{"recall_depth": 40, "rerank_depth": 10, "mmr_depth": 25, **settings},
     )
+    deepest = 30 if "popularity_weight" in settings else 50
     for request in QUERIES:
-        full = pipe.rank([request], 40)[0]
-        for k in (1, 5, 10, 12, 30):
-            assert pipe.rank([request], k)[0].hits == full.hits[:k]
+        full = pipe.rank([request], deepest)[0]
+        assert len(full.hits) == deepest
+        for k in (1, 5, 8, 10, 12, 30):
+            assert pipe.rank([request], k)[0].hits == full.hits[:k], k
 
 
 def test_a_batch_ranks_each_request_as_alone():

@@ -294,7 +294,7 @@ def train_reranker(ctx, split_name, loss, epochs, tune_only, out: Output) -> Non
     engine = _engine(ctx, out, overrides=overrides)
 
     def serving() -> str:
-        settings = engine.pipeline().settings
+        settings = engine.project.settings(with_reranker=True)
         return (
             f"serving: rerank depth {settings.rerank_depth}, fusion weight {settings.fusion_weight}, "
             f"co-watch weight {settings.cowatch_weight} (chosen on validation)"

@@ -96,7 +96,7 @@ def run_demo(
     user = sorted(engine.store.targets(engine.default_split(), "test"))[0]
     ranking = step("recommend (explained)", lambda: engine.recommend(user, 5, explain=True))
 
-    settings = engine.pipeline().settings
+    settings = engine.project.settings(with_reranker=True)
     lines = [
         f"Demo project: {root}  (stats: {engine.stats()['items']} items, {engine.stats()['events']} events)",
         f"Split: {counts}",

@@ -106,7 +106,11 @@ class Engine:
 
     def _changed(self, *sources: str) -> None:
         """Forget what was read from ``sources``; if a pipeline is serving, build its successor and swap it in."""
-        self.project.changed(*sources)
+        if sources:
+            self.project.changed(*sources)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         with self._swap:
             if self._serving is None:
                 return
@@ -170,8 +174,8 @@ class Engine:
             use_gpu=self.config.index.use_gpu,
             progress=self.progress,
         )
-        index.save(self.project.index_dir(name))
-        self._changed("index")
+        self.project.save_index(index, name)
+        self._rebuild()
         return dict(index.manifest)
 
     def index_add(self, item_ids: Sequence[str] | None = None, *, name: str | None = None) -> dict[str, Any]:
@@ -198,16 +202,16 @@ class Engine:
         if ids:
             index.upsert(ids, vecs)
             logger.info("index: %d items added or re-encoded", len(ids))
-        index.save(self.project.index_dir(name))
-        self._changed("index")
+        self.project.save_index(index, name)
+        self._rebuild()
         return dict(index.manifest)
 
     def index_remove(self, item_ids: Sequence[str], *, name: str | None = None) -> dict[str, Any]:
         """``twostage index remove``: drop items from the index without a rebuild."""
         index = self.project.load_index_copy(name)
         index.remove(list(item_ids))
-        index.save(self.project.index_dir(name))
-        self._changed("index")
+        self.project.save_index(index, name)
+        self._rebuild()
         return dict(index.manifest)
 
     def index_info(self, name: str | None = None) -> dict[str, Any]:
@@ -284,7 +288,7 @@ class Engine:
             if user_id not in cutoffs:
                 raise NotFoundError(f"user '{user_id}' has no '{part}' target in split '{split}'")
         history = self.store.histories([user_id], cutoffs=cutoffs)[user_id]
-        if not history:
+        if not history and split is None:  # at a cut-off an empty history is what evaluation ranked for
             raise NotFoundError(f"unknown user '{user_id}' (no events); check the id or ingest their events")
         return history
 
@@ -349,7 +353,7 @@ class Engine:
             split=split,
             part=part or self.config.eval.part,
             baselines=baselines,
-            zero_shot=self.project.zero_shot() if baselines else None,
+            zero_shot=self.project.zero_shot if baselines else None,
             max_requests=max_requests if max_requests is not None else self.config.eval.max_requests,
             mmr_lambdas=mmr_lambdas,
             report=report,

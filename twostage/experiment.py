@@ -53,15 +53,16 @@ def run_evaluation(
     split: str,
     part: str,
     baselines: bool = True,
-    zero_shot: Pipeline | None = None,
+    zero_shot: Callable[[], Pipeline | None] | None = None,
     max_requests: int | None = None,
     mmr_lambdas: Sequence[float] = (),
     report: str | Path | None = None,
     progress: bool = False,
 ) -> EvalReport:
-    """Evaluate every ranking on ``split/part``: the baseline (popularity or BM25), ``zero_shot`` (the untuned
-    bi-encoder, when given), stage 1 (and stage 1 without its popularity prior), both stages, and MMR at each of
-    ``mmr_lambdas``. ``pipe`` must be the pipeline as it runs on ``split`` (log counts before its cut-offs)."""
+    """Evaluate every ranking on ``split/part``: the baseline (popularity or BM25), the untuned bi-encoder
+    (``zero_shot`` makes its pipeline once the part is known to exist, or None when there is none), stage 1
+    (and stage 1 without its popularity prior), both stages, and MMR at each of ``mmr_lambdas``. ``pipe`` must
+    be the pipeline as it runs on ``split`` (log counts before its cut-offs)."""
     kind = store.require_split(split)
     requests = split_requests(
         store,
@@ -81,18 +82,18 @@ def run_evaluation(
     rankings: list[tuple[str, Lists, float]] = []
     if baselines:
         rankings.append(_baseline(store, pipe, kind, split, requests, depth))
-        if zero_shot is not None:
-            lists = _timed(
-                lambda: _ranked(zero_shot, requests, depth, progress, stage="recall", diversify=1.0)
-            )
+        zero = zero_shot() if zero_shot is not None else None
+        if zero is not None:
+            lists = _timed(lambda: _ranked(zero, requests, depth, progress, stage="recall"))
             rankings.append(("zero-shot", *lists))
+    # stage 1 first: its time includes encoding the requests, which the memoized pipeline then reuses
+    recall = ("recall", *_timed(lambda: _ranked(pipe, requests, depth, progress, stage="recall")))
     if pipe.settings.popularity_weight > 0:
         plain = pipe.with_settings(popularity_weight=0.0)
-        rankings.append(
-            ("recall-no-prior", *_timed(lambda: _ranked(plain, requests, depth, progress, stage="recall")))
-        )
-    rankings.append(("recall", *_timed(lambda: _ranked(pipe, requests, depth, progress, stage="recall"))))
-    if pipe.reranker is not None:
+        lists = _timed(lambda: _ranked(plain, requests, depth, progress, stage="recall"))
+        rankings.append(("recall-no-prior", *lists))
+    rankings.append(recall)
+    if pipe.reranker is not None:  # its time is stage 2's alone: stage 1's lists are remembered
         rankings.append(("rerank", *_timed(lambda: _ranked(pipe, requests, depth, progress))))
 
     beyond = _beyond_fn(store, pipe, kind, split, part)

@@ -8,9 +8,10 @@ diversify, explain) and nothing else composes the stages, so what ``evaluate`` m
 ``recommend`` return. A rebuilt index or retrained model makes a new pipeline; a request in flight finishes on
 the one it started with.
 
-Every list is ranked in full and then cut at ``k``: stage 2 reorders the top ``rerank_depth`` candidates, MMR
-the top ``mmr_depth`` of the result, and what lies below each keeps its order. So the first ``k`` hits never
-depend on ``k``: a top 10 served is the top 10 evaluated.
+Every list is ranked in full and then cut at ``k``: stage 1 returns ``recall_depth`` candidates (more only when
+``k`` asks for more), stage 2 reorders the top ``rerank_depth`` of them, MMR the top ``mmr_depth`` of the
+result, and what lies below each keeps its order. Every pool is fixed by the settings, never by ``k``, so the
+first ``k`` hits never depend on ``k`` (on an exact index): a top 10 served is the top 10 evaluated.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from twostage.config import IndexConfig, RerankerConfig, RetrieverConfig
 from twostage.cowatch import shared_history
 from twostage.errors import ConfigError, TwostageError
 from twostage.explain import explain_hits
@@ -61,16 +63,17 @@ class Settings:
     1 over a deeper search (see :meth:`Pipeline.rank`); ``mmr_lambda`` λ < 1 diversifies the top ``mmr_depth``.
     """
 
-    recall_depth: int = 100
-    rerank_depth: int = 50
+    # the defaults are the config's (one place for every default); tuned values replace them in a project
+    recall_depth: int = IndexConfig.depth
+    rerank_depth: int = RerankerConfig.depth
     fusion_weight: float = 0.0
     cowatch_weight: float = 0.0
-    popularity_weight: float = 0.0
-    popularity_pool: int = 1000
-    popularity_pool_factor: int = 10
-    mmr_lambda: float | None = None
-    mmr_depth: int = 50
-    exclude_seen: bool = True
+    popularity_weight: float = RetrieverConfig.popularity_weight
+    popularity_pool: int = RetrieverConfig.popularity_pool
+    popularity_pool_factor: int = RetrieverConfig.popularity_pool_factor
+    mmr_lambda: float | None = RerankerConfig.mmr_lambda
+    mmr_depth: int = RerankerConfig.mmr_depth
+    exclude_seen: bool = IndexConfig.exclude_seen
 
     def __post_init__(self) -> None:
         for key in ("recall_depth", "rerank_depth", "mmr_depth", "popularity_pool", "popularity_pool_factor"):
@@ -78,8 +81,9 @@ class Settings:
                 raise ConfigError(f"must be at least 1, got {getattr(self, key)}", key=key)
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ConfigError(f"must be between 0 and 1, got {self.fusion_weight}", key="fusion_weight")
-        if not (self.cowatch_weight >= 0.0 and self.popularity_weight >= 0.0):
-            raise ConfigError("co-watch and popularity weights must be >= 0", key="cowatch_weight")
+        for key in ("cowatch_weight", "popularity_weight"):
+            if not getattr(self, key) >= 0.0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, key)}", key=key)
         if self.mmr_lambda is not None and not 0.0 <= self.mmr_lambda <= 1.0:
             raise ConfigError(f"must be between 0 and 1, got {self.mmr_lambda}", key="mmr_lambda")
 
@@ -119,6 +123,8 @@ class Pipeline:
     reranker: PairScorer | None = None
     counts: LogCounts = field(default_factory=LogCounts)
     version: str = field(default_factory=_new_version)
+    # memoized() pipelines remember their stage-1 lists here (shared by their variants)
+    recall_memo: dict | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ variants
     def replace(self, **changes: Any) -> Pipeline:
@@ -134,7 +140,7 @@ class Pipeline:
         same requests under several settings or stages: each text is encoded and each pair scored once. Its
         variants (:meth:`with_settings`) share the memory. ``reranker.scored`` counts the pairs it ran."""
         reranker = _MemoScorer(self.reranker) if self.reranker is not None else None
-        return self.replace(encoder=_MemoEncoder(self.encoder), reranker=reranker)
+        return self.replace(encoder=_MemoEncoder(self.encoder), reranker=reranker, recall_memo={})
 
     # ------------------------------------------------------------------ requests
     def user_request(self, user_id: str, history: Sequence[str]) -> Request:
@@ -218,7 +224,7 @@ class Pipeline:
             if lam is not None and lam < 1.0:
                 ordered = self._diversify(ordered, lam)
             top = ordered[:k]
-            notes = self._explain(request, top, stage2) if explain else {}
+            notes = self._explain(request, top) if explain else {}
             hits = tuple(
                 Hit(
                     item_id=r.item_id,
@@ -244,19 +250,39 @@ class Pipeline:
         With ``popularity_weight`` β > 0 the score is ``cos(q, i) + β · ln(1 + users(i))``: a popularity prior
         that undoes the bias of in-batch negatives (a popular item is another example's positive more often,
         so MultipleNegativesRankingLoss learns to push it down; this is the logQ correction of sampled
-        softmax, applied at serving time). FAISS is searched deeper (``popularity_pool_factor`` × depth, at
-        least ``popularity_pool``) and the candidates re-sorted, so popular items outside the cosine top-depth
-        can come in (on ml-latest-small, validation Recall@100 was 0.21 with a 300-deep search and 0.29 with
-        1,000).
+        softmax, applied at serving time). FAISS is searched deeper (``popularity_pool_factor`` ×
+        ``recall_depth``, at least ``popularity_pool``, whatever ``k``) and the candidates re-sorted, so popular
+        items outside the cosine top-depth can come in (on ml-latest-small, validation Recall@100 was 0.21 with
+        a 300-deep search and 0.29 with 1,000). A memoized pipeline remembers each request's lists.
         """
+        beta, popularity = self.settings.popularity_weight, self.counts.popularity
+        prior = beta > 0 and bool(popularity)
+        search = max(
+            self.settings.popularity_pool_factor * self.settings.recall_depth, self.settings.popularity_pool
+        )
+        search = max(search, depth) if prior else depth
+        memo = self.recall_memo
+        key = (depth, search, beta if prior else 0.0, id(popularity), id(self.index), id(self.encoder))
+        todo = [r for r in requests if memo is None or (key, r.text, r.exclude) not in memo]
+        found = self._search(todo, depth, search, prior, progress) if todo else []
+        if memo is None:
+            return found
+        memo.update({(key, r.text, r.exclude): hits for r, hits in zip(todo, found, strict=True)})
+        return [memo[(key, r.text, r.exclude)] for r in requests]
+
+    def _search(
+        self, requests: Sequence[Request], depth: int, search: int, prior: bool, progress: bool
+    ) -> list[list[tuple[str, float]]]:
         vecs = self.encoder.encode([r.text for r in requests], progress=progress)
         exclude = [r.exclude for r in requests] if any(r.exclude for r in requests) else None
+        if not prior:  # equal scores in item-id order: FAISS's order among ties is its heap's
+            return [
+                sorted(hits, key=lambda x: (-x[1], x[0]))
+                for hits in self.index.search(vecs, depth, exclude=exclude)
+            ]
         beta, popularity = self.settings.popularity_weight, self.counts.popularity
-        if beta <= 0 or not popularity:
-            return self.index.search(vecs, depth, exclude=exclude)
-        pool = max(self.settings.popularity_pool_factor * depth, self.settings.popularity_pool)
         out = []
-        for hits in self.index.search(vecs, pool, exclude=exclude):
+        for hits in self.index.search(vecs, search, exclude=exclude):
             rescored = [(i, s + beta * math.log1p(popularity.get(i, 0.0))) for i, s in hits]
             rescored.sort(key=lambda x: (-x[1], x[0]))
             out.append(rescored[:depth])
@@ -268,7 +294,8 @@ class Pipeline:
         """Each request's candidates with the top ``rerank_depth`` reordered by the fused score, the rest below
         in stage-1 order, scored under the head so ranks and scores agree. All pairs of the batch are scored in
         one cross-encoder pass; with fusion weight 1 the cross-encoder cannot change the order and is not run."""
-        depth, cowatched = self.settings.rerank_depth, bool(self.counts.cowatched)
+        depth = min(self.settings.rerank_depth, self.settings.recall_depth)  # never more because k asks more
+        cowatched = bool(self.counts.cowatched)
         heads = [
             [Candidate(i, s, len(self.watched_with(r, i)) if cowatched else 0) for i, s in cands[:depth]]
             for r, cands in batch
@@ -311,29 +338,30 @@ class Pipeline:
         return out
 
     def _diversify(self, ordered: list[_Ranked], lam: float) -> list[_Ranked]:
-        """MMR over the top ``mmr_depth``; the rest keeps its order below.
+        """MMR over the top ``min(mmr_depth, recall_depth)``; the rest keeps its order below.
 
-        Relevance is the rank in ``ordered`` (linearly from 1 to 0): the fused head and the stage-1 tail are
-        scored on different scales, and the rank is what both stages agreed on. Greedy MMR picks in an order
+        Relevance is the rank in ``ordered`` (linearly from 1 to 0 over the pool): the fused head and the
+        stage-1 tail are scored on different scales, and the rank is what both stages agreed on. Greedy MMR picks in an order
         that does not depend on how many it picks, so the top k of a diversified list never depends on k.
         """
-        pool = ordered[: self.settings.mmr_depth]
+        size = min(self.settings.mmr_depth, self.settings.recall_depth)  # never more because k asks more
+        pool = ordered[:size]
         if len(pool) < 2 or lam >= 1.0:
             return ordered
         vecs = self.index.vectors([r.item_id for r in pool])
-        picked = mmr(vecs, np.linspace(1.0, 0.0, len(pool)), k=len(pool), lam=lam)
+        relevance = 1.0 - np.arange(len(pool)) / max(size - 1, 1)
+        picked = mmr(vecs, relevance, k=len(pool), lam=lam)
         return [pool[p] for p in picked] + ordered[len(pool) :]
 
-    def _explain(self, request: Request, top: list[_Ranked], stage2: bool) -> dict[str, dict[str, Any]]:
-        """Explanations from the scores that ranked these hits: the cross-encoder's where it ran, else stage 1's;
-        the co-watched history items where co-watch scores took part."""
-        return explain_hits(
-            self,
-            request,
-            [r.item_id for r in top],
-            use_reranker=stage2 and self.runs_reranker,
-            cowatch=stage2 and self.settings.cowatch_weight > 0,
+    def _explain(self, request: Request, top: list[_Ranked]) -> dict[str, dict[str, Any]]:
+        """Explanations from the scores that ranked each hit: stage 2's (the cross-encoder where it ran, the
+        co-watched history items where co-watch scores took part) for the reranked head, stage 1's below it."""
+        head = [r.item_id for r in top if r.stage == "rerank"]
+        tail = [r.item_id for r in top if r.stage != "rerank"]
+        notes = explain_hits(
+            self, request, head, use_reranker=self.runs_reranker, cowatch=self.settings.cowatch_weight > 0
         )
+        return {**notes, **explain_hits(self, request, tail, use_reranker=False)}
 
     def pair_scores(self, texts: Sequence[str], item_ids: Sequence[str], *, use_reranker: bool) -> np.ndarray:
         """Scores of every (text, item): a texts × items matrix from the cross-encoder (on stage 2's item texts)

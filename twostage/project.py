@@ -12,6 +12,7 @@ stalls a request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -81,12 +82,17 @@ class _Memo:
                     self._values[key] = value
             return value
 
-    def drop(self, kinds: Iterable[str]) -> None:
+    def drop(self, kinds: Iterable[str], *, where: Callable[[tuple], bool] = lambda key: True) -> None:
+        """Forget the values of ``kinds`` (those whose key passes ``where``)."""
         kinds = set(kinds)
         with self._guard:
             self._epoch += 1
-            for key in [k for k in self._values if k[0] in kinds]:
+            for key in [k for k in self._values if k[0] in kinds and where(k)]:
                 del self._values[key]
+
+    def put(self, key: tuple, value: Any) -> None:
+        with self._guard:
+            self._values[key] = value
 
 
 class Project:
@@ -99,6 +105,7 @@ class Project:
         self._store: Store | None = None
         self._store_lock = threading.Lock()
         self._memo = _Memo()
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ layout
     def models_dir(self, which: str) -> Path:
@@ -125,11 +132,16 @@ class Project:
                 self._store = None
 
     def changed(self, *sources: str) -> None:
-        """Forget what was read from ``sources`` (items, events, splits, models, record, index)."""
+        """Forget what was read from ``sources`` (items, events, splits, models, record, index). A new split
+        changes only what is counted up to a split's cut-offs, not the counts over every event."""
         unknown = set(sources) - SOURCES
         if unknown:
             raise ValueError(f"unknown sources {sorted(unknown)}; use {sorted(SOURCES)}")
-        self._memo.drop(kind for kind, read in _READS.items() if read & set(sources))
+        rest = set(sources) - {"splits"}
+        self._memo.drop(kind for kind, read in _READS.items() if read & rest)
+        if "splits" in sources:
+            split_kinds = [kind for kind, read in _READS.items() if "splits" in read]
+            self._memo.drop(split_kinds, where=lambda key: key[1] is not None)
 
     def default_split(self) -> str:
         """The split to use when none is named: the config's strategy, if it was made, else the only one."""
@@ -251,6 +263,13 @@ class Project:
         """The saved index, checked against the current bi-encoder and text config."""
         return self._memo.get(("index", str(self.index_dir(name))), lambda: self.load_index_copy(name))
 
+    def save_index(self, index: VectorIndex, name: str | None = None) -> None:
+        """Write ``index`` atomically as the project's index ``name`` and serve that copy from now on (the copy
+        a pipeline in flight holds is never changed)."""
+        index.save(self.index_dir(name))
+        self.changed("index")
+        self._memo.put(("index", str(self.index_dir(name))), index)
+
     def reranker_record(self) -> dict[str, Any]:
         """The trained reranker's ``training.json`` (with the serving settings chosen on validation), or {}."""
 
@@ -340,8 +359,8 @@ class Project:
     def pipeline(self, split: str | None = None, *, all_counts: bool = False) -> Pipeline:
         """The project's models, index and settings, reading the log as of ``split`` (see :meth:`counted`)."""
         reranker = self.reranker()
-        if reranker is None and self.config.reranker.cowatch_weight:
-            logger.warning(
+        if reranker is None and self.config.reranker.cowatch_weight and self.config.reranker.enabled:
+            self._warn_once(
                 "[reranker] cowatch_weight is set but there is no reranker: co-watch scores are fused in "
                 "stage 2, which needs a trained reranker (twostage train reranker)"
             )
@@ -354,6 +373,11 @@ class Project:
             reranker=reranker,
         )
         return self.counted(pipe, split, all_counts=all_counts)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
 
     def counted(self, pipe: Pipeline, split: str | None = None, *, all_counts: bool = False) -> Pipeline:
         """``pipe`` reading the log as of ``split``'s cut-offs (a recommendation split; otherwise, and when None,
@@ -372,8 +396,9 @@ class Project:
         )
 
     def zero_shot(self) -> Pipeline | None:
-        """The untuned base bi-encoder over an exact index: what fine-tuning has to beat (None when the
-        project has no fine-tuned retriever, since stage 1 then is the base model)."""
+        """The untuned base bi-encoder over an exact index, served as stage 1 is (same depth and MMR, no
+        popularity prior): what fine-tuning has to beat. None when the project has no fine-tuned retriever,
+        since stage 1 then is the base model."""
         from twostage.index import IndexSpec, VectorIndex
 
         if not self.models_dir("retriever").exists():
@@ -381,7 +406,7 @@ class Project:
         base = self.retriever(base=True)
         ids, vecs = self.item_vectors(base)
         index = VectorIndex.build(ids, vecs, IndexSpec(factory="Flat"), model_fingerprint=base.fingerprint)
-        settings = Settings(recall_depth=self.config.index.depth, exclude_seen=self.config.index.exclude_seen)
+        settings = dataclasses.replace(self.settings(with_reranker=False), popularity_weight=0.0)
         return Pipeline(
             encoder=base, index=index, catalogue=self.catalogue(), text=self.config.text, settings=settings
         )
