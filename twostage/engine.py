@@ -50,6 +50,7 @@ class Engine:
         self.project = Project(self.project_dir, config, progress=progress)
         self._serving: Pipeline | None = None
         self._swap = threading.Lock()
+        self._index_writes = threading.Lock()  # one read-modify-write of the saved index at a time
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -174,7 +175,8 @@ class Engine:
             use_gpu=self.config.index.use_gpu,
             progress=self.progress,
         )
-        self.project.save_index(index, name)
+        with self._index_writes:
+            self.project.save_index(index, name)
         self._rebuild()
         return dict(index.manifest)
 
@@ -183,34 +185,35 @@ class Engine:
         missing from the index or whose text changed since it was indexed (only those are encoded)."""
         import numpy as np
 
-        index = self.project.load_index_copy(name)  # changed and saved privately, then swapped in
-        encoder = self.project.retriever()
-        catalogue = self.project.catalogue()
-        if item_ids is not None:
-            unknown = [i for i in item_ids if i not in catalogue]
-            if unknown:
-                raise NotFoundError(f"unknown item_id '{unknown[0]}'; ingest it first")
-            ids, vecs = self.project.item_vectors(encoder, list(item_ids))
-        else:
-            ids, vecs = self.project.item_vectors(encoder)
-            present = [n for n, i in enumerate(ids) if i in index]
-            stale = sorted(set(range(len(ids))) - set(present))
-            if present:  # a changed text shows as a vector that differs from the indexed one
-                moved = np.abs(index.vectors([ids[n] for n in present]) - vecs[present]).max(axis=1) > 1e-3
-                stale = sorted(stale + [present[j] for j in np.flatnonzero(moved)])
-            ids, vecs = [ids[n] for n in stale], vecs[stale]
-        if ids:
-            index.upsert(ids, vecs)
-            logger.info("index: %d items added or re-encoded", len(ids))
-        self.project.save_index(index, name)
+        encoder, catalogue = self.project.retriever(), self.project.catalogue()
+        unknown = [i for i in item_ids or () if i not in catalogue]
+        if unknown:
+            raise NotFoundError(f"unknown item_id '{unknown[0]}'; ingest it first")
+        with self._index_writes:  # a private copy is changed and saved, then served
+            index = self.project.load_index_copy(name)
+            ids, vecs = self.project.item_vectors(encoder, list(item_ids) if item_ids is not None else None)
+            if item_ids is None:
+                present = [n for n, i in enumerate(ids) if i in index]
+                stale = sorted(set(range(len(ids))) - set(present))
+                if present:  # a changed text shows as a vector that differs from the indexed one
+                    moved = (
+                        np.abs(index.vectors([ids[n] for n in present]) - vecs[present]).max(axis=1) > 1e-3
+                    )
+                    stale = sorted(stale + [present[j] for j in np.flatnonzero(moved)])
+                ids, vecs = [ids[n] for n in stale], vecs[stale]
+            if ids:
+                index.upsert(ids, vecs)
+                logger.info("index: %d items added or re-encoded", len(ids))
+            self.project.save_index(index, name)
         self._rebuild()
         return dict(index.manifest)
 
     def index_remove(self, item_ids: Sequence[str], *, name: str | None = None) -> dict[str, Any]:
         """``twostage index remove``: drop items from the index without a rebuild."""
-        index = self.project.load_index_copy(name)
-        index.remove(list(item_ids))
-        self.project.save_index(index, name)
+        with self._index_writes:
+            index = self.project.load_index_copy(name)
+            index.remove(list(item_ids))
+            self.project.save_index(index, name)
         self._rebuild()
         return dict(index.manifest)
 

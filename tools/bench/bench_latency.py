@@ -302,8 +302,11 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else None
     previous = RESULTS / "latency.json"
     result: dict[str, Any] = {}
-    if wanted and previous.exists():  # keep the parts measured in an earlier run
-        result = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("machine", "when")}
+    if wanted and previous.exists():  # keep the parts measured in an earlier run, with their dates
+        kept = json.loads(previous.read_text())
+        result = {k: v for k, v in kept.items() if k not in ("machine", "when")}
+        for part in result.values():
+            part.setdefault("measured", kept.get("when"))
     for name, fn in (
         ("search", lambda: search_bench(args.queries, args.valid)),
         ("recommend", lambda: recommend_bench(args.queries)),
@@ -317,7 +320,7 @@ def main() -> None:
             print(f"skip {name}: run bench_quality.py first")
             continue
         started = time.perf_counter()
-        result[name] = fn()
+        result[name] = {**fn(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(
             f"{name} ({time.perf_counter() - started:.0f}s):",
             {k: v for k, v in result[name].items() if not isinstance(v, dict | list)},

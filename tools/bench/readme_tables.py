@@ -194,8 +194,12 @@ def _performance_rows(results: dict[str, dict]) -> list[list[str]]:
 
 
 def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
-    """Ours against the plain sentence-transformers pipeline, from bench_latency.py's parts."""
-    when = str(d.get("when", ""))[:10]
+    """Ours against the plain sentence-transformers pipeline, from bench_latency.py's parts (each dated when
+    it was measured: a run of some parts keeps the others)."""
+
+    def measured(part: dict[str, Any]) -> str:
+        return str(part.get("measured", d.get("when", "")))[:10]
+
     rows = []
     for part, label in (("search", "SciFact search"), ("recommend", "MovieLens recommend")):
         if part in d:
@@ -221,7 +225,7 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                         if x.get("cowatch_weight")
                         else ""
                     ),
-                    when,
+                    measured(x),
                 ]
             )
             if "throughput" in x:
@@ -230,7 +234,7 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                     [
                         f"{label} batch throughput",
                         f"{t['ours_requests_per_s']:.2f} vs {t['plain_requests_per_s']:.2f} requests/s (ratio {t['ratio']:.2f})",
-                        when,
+                        measured(x),
                     ]
                 )
     for part in ("build_scifact", "build_movielens"):
@@ -242,7 +246,7 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                     f"{x['ours_items_per_s']:.1f} vs plain {x['plain_items_per_s']:.1f} items/s (ratio {x['ratio_ours_over_plain']:.2f}); "
                     f"1% incremental update {x['incremental_1pct_seconds']:.2f} s vs full rebuild {x['full_rebuild_seconds']:.0f} s "
                     f"({x['incremental_speedup']:.0f}× faster)",
-                    when,
+                    measured(x),
                 ]
             )
     if "ceiling" in d:
@@ -257,7 +261,7 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                     if "tokenize_share_of_scoring" in x
                     else ""
                 ),
-                when,
+                measured(x),
             ]
         )
     return rows
