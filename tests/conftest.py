@@ -107,3 +107,41 @@ def sharpened_reranker(tiny_bert_path: Path, texts: list[str]):
         head.weight.copy_((direction / spread).float().unsqueeze(0))
         head.bias.fill_(float(-(h.mean(0) @ direction) / spread))
     return rr
+
+
+SERVED_CONFIG = """
+[retriever]
+model = "{model}"
+max_seq_length = 48
+popularity_weight = 0.05
+[reranker]
+max_length = 64
+depth = 12
+mmr_depth = 25
+cowatch_weight = 0.5
+cowatched_size = 4
+[index]
+depth = 20
+[eval]
+ks = [1, 5, 10, 30]
+bootstrap = 100
+"""
+
+
+def make_served_project(root: Path, tiny_bert_path: Path, extra_config: str = "") -> Path:
+    """A project with the tiny BERT as both models (the reranker's head sharpened, saved as the project's),
+    the popularity prior and co-watch scores on, evaluation and MMR deeper than stage 1, and a built index."""
+    from twostage import Engine
+
+    project = root / "project"
+    Engine.init(project)
+    (project / "twostage.toml").write_text(SERVED_CONFIG.format(model=tiny_bert_path) + extra_config)
+    engine = Engine.open(project)
+    engine.datasets_load("movielens", make_movielens(root / "data"))
+    engine.split()
+    engine.index_build()
+    texts = list(engine.project.catalogue().texts.values())
+    rr = sharpened_reranker(tiny_bert_path, ["Recently: drama film 3", "comedy film", *texts])
+    rr.model.save_pretrained(str(project / "models" / "reranker"))
+    engine.close()
+    return project

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_movielens, sharpened_reranker
+from conftest import make_served_project
 
 from twostage import Engine
 from twostage.cli import cli
@@ -24,39 +24,7 @@ SPLIT = "leave-last-out"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_bert_path) -> Path:
-    """A project with the tiny BERT as both models (the reranker's head sharpened, saved as the project's),
-    the popularity prior and co-watch scores on, evaluation and MMR deeper than stage 1, and a built index."""
-    root = tmp_path_factory.mktemp("served")
-    project = root / "project"
-    Engine.init(project)
-    (project / "twostage.toml").write_text(
-        f"""
-[retriever]
-model = "{tiny_bert_path}"
-max_seq_length = 48
-popularity_weight = 0.05
-[reranker]
-max_length = 64
-depth = 12
-mmr_depth = 25
-cowatch_weight = 0.5
-cowatched_size = 4
-[index]
-depth = 20
-[eval]
-ks = [1, 5, 10, 30]
-bootstrap = 100
-"""
-    )
-    engine = Engine.open(project)
-    engine.datasets_load("movielens", make_movielens(root / "data"))
-    engine.split()
-    engine.index_build()
-    texts = list(engine.project.catalogue().texts.values())
-    rr = sharpened_reranker(tiny_bert_path, ["Recently: drama film 3", "comedy film", *texts])
-    rr.model.save_pretrained(str(project / "models" / "reranker"))
-    engine.close()
-    return project
+    return make_served_project(tmp_path_factory.mktemp("served"), tiny_bert_path)
 
 
 def cli_run(project: Path, *args: str):

@@ -270,6 +270,22 @@ def train_retriever(ctx, split_name, epochs, out: Output) -> None:
     )
 
 
+_NO_PUBLISH = click.option(
+    "--no-publish",
+    is_flag=True,
+    help="Do not publish a serving snapshot afterwards (see 'twostage publish').",
+)
+
+
+def _publish_after(engine, out: Output, no_publish: bool) -> dict[str, Any] | None:
+    """Publish what was just built as the current snapshot, so a running server swaps it in."""
+    if no_publish:
+        return None
+    manifest = engine.publish()
+    out.info(f"Published snapshot {manifest['snapshot_id']} (servers swap to it on their next poll)")
+    return {"snapshot_id": manifest["snapshot_id"]}
+
+
 @train.command("reranker")
 @click.option("--split", "split_name", help="Split to train on (default: the config's).")
 @click.option(
@@ -281,9 +297,10 @@ def train_retriever(ctx, split_name, epochs, out: Output) -> None:
     is_flag=True,
     help="Keep the trained model; choose its fusion and co-watch weights and rerank depth again on validation.",
 )
+@_NO_PUBLISH
 @output_options
 @click.pass_context
-def train_reranker(ctx, split_name, loss, epochs, tune_only, out: Output) -> None:
+def train_reranker(ctx, split_name, loss, epochs, tune_only, no_publish, out: Output) -> None:
     """Fine-tune the cross-encoder listwise on stage-1 candidate lists (early stopping on validation NDCG@10).
 
     Example: twostage train reranker --loss listnet
@@ -302,11 +319,15 @@ def train_reranker(ctx, split_name, loss, epochs, tune_only, out: Output) -> Non
 
     if tune_only:
         tuned = engine.train_reranker(split=split_name, tune_only=True)
-        out.result(tuned, f"Tuned {engine.project.models_dir('reranker')}; {serving()}")
+        published = _publish_after(engine, out, no_publish)
+        out.result(
+            {**tuned, "published": published}, f"Tuned {engine.project.models_dir('reranker')}; {serving()}"
+        )
         return
     result = engine.train_reranker(split=split_name)
+    published = _publish_after(engine, out, no_publish)
     out.result(
-        result,
+        {**_jsonable(result), "published": published},
         f"Saved {result.model_path} (best validation nDCG@10 {result.best_metric:.4f}, {result.steps} steps, "
         f"{result.seconds:.0f}s); {serving()}",
     )
@@ -325,15 +346,23 @@ def index() -> None:
 @click.option(
     "--build", "build_name", help="Build config from indexes/ (flat, hnsw, ivf, ivfpq) or a factory string."
 )
+@_NO_PUBLISH
 @output_options
 @click.pass_context
-def index_build(ctx, name, build_name, out: Output) -> None:
-    """Encode every item with the current bi-encoder and write the index atomically.
+def index_build(ctx, name, build_name, no_publish, out: Output) -> None:
+    """Encode every item with the current bi-encoder and write the index atomically; then publish a serving
+    snapshot when the index is the one served ([index] name).
 
     Example: twostage index build --build hnsw
     """
-    manifest = _engine(ctx, out).index_build(name, build=build_name)
-    out.result(manifest, f"Built {manifest.get('factory')} index of {manifest.get('count')} items")
+    engine = _engine(ctx, out)
+    manifest = engine.index_build(name, build=build_name)
+    served = name is None or name == engine.config.index.name
+    published = _publish_after(engine, out, no_publish or not served)
+    out.result(
+        {**manifest, "published": published},
+        f"Built {manifest.get('factory')} index of {manifest.get('count')} items",
+    )
 
 
 @index.command("add")
@@ -470,6 +499,87 @@ def recommend(ctx, user_id, k, history, stage, explain, diversify, split_name, p
         part=part,
     )
     _print_ranking(out, ranking)
+
+
+@cli.command()
+@click.option(
+    "--switch", "switch_to", metavar="ID", help="Make this published snapshot current (a rollback)."
+)
+@click.option("--list", "list_only", is_flag=True, help="List the published snapshots; change nothing.")
+@output_options
+@click.pass_context
+def publish(ctx, switch_to, list_only, out: Output) -> None:
+    """Freeze what serving reads (items, histories, co-watch lists, index, models, settings) into a new snapshot
+    under snapshots/ and make it current; running servers swap to it.
+
+    Example: twostage publish && twostage publish --switch 20261202-101500-123456-ab12
+    """
+    from twostage import snapshot
+
+    if list_only:
+        if switch_to:
+            raise click.UsageError("--list changes nothing; leave out --switch")
+        root = ctx.obj["project"]
+        current, ids = snapshot.current_id(root), snapshot.list_snapshots(root)
+        out.result(
+            {"current": current, "snapshots": ids},
+            lambda: [click.echo(f"{'*' if i == current else ' '} {i}") for i in ids] or click.echo("none"),
+        )
+        return
+    engine = _engine(ctx, out)
+    result = engine.publish(switch=switch_to)
+    verb = "Switched to" if switch_to else "Published"
+    out.result(result, f"{verb} snapshot {result['snapshot_id']} (kept: {len(result['snapshots'])})")
+
+
+@cli.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost by default)."
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Server processes.")
+@click.option(
+    "--snapshot", "snapshot_id", metavar="ID", help="Serve this snapshot (default: the current one)."
+)
+@click.option(
+    "--api-key",
+    envvar="TWOSTAGE_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on everything but /healthz and /readyz (env TWOSTAGE_API_KEY).",
+)
+@click.option("--log-level", default="warning", show_default=True, help="uvicorn's log level.")
+@output_options
+@click.pass_context
+def serve(ctx, host, port, workers, snapshot_id, api_key, log_level, out: Output) -> None:
+    """Serve search and recommendation over HTTP from the current published snapshot (FastAPI on uvicorn); a
+    newly published snapshot is swapped in without dropping requests. OpenAPI docs at /docs.
+
+    Example: twostage serve --port 8000 --workers 2
+    """
+    import os
+
+    from twostage import snapshot
+    from twostage.errors import MissingDependencyError
+
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise MissingDependencyError("serving needs the serve extra: pip install 'twostage[serve]'") from e
+    root = str(Path(ctx.obj["project"]).resolve())
+    chosen = snapshot.check(root, snapshot_id)  # fail here, in one line, not in every worker
+    # uvicorn's workers import the app themselves: the options travel in the environment
+    os.environ.update({"TWOSTAGE_PROJECT": root, "TWOSTAGE_SNAPSHOT": snapshot_id or ""})
+    os.environ["TWOSTAGE_API_KEY"] = api_key or ""
+    out.info(
+        f"Serving snapshot {chosen} of {root} on http://{host}:{port} ({workers} worker(s)); docs at /docs"
+    )
+    uvicorn.run(
+        "twostage.serve:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+    )
 
 
 @cli.command()

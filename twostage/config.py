@@ -206,6 +206,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Publishing snapshots and serving them over HTTP (``twostage publish``, ``twostage serve``).
+
+    ``keep_snapshots`` published snapshots are kept (the current one always), so a rollback is one command.
+    Requests over ``max_k`` hits, ``max_query_chars`` characters or ``max_batch`` requests are refused (413).
+    An anonymous session's history is at most ``max_history`` items. A server checks every ``poll_seconds`` whether another snapshot was published and swaps it in (0: only on
+    ``POST /admin/reload``).
+    """
+
+    keep_snapshots: int = 3
+    max_k: int = 100
+    max_query_chars: int = 2000
+    max_batch: int = 64
+    max_history: int = 1000
+    poll_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a project."""
 
@@ -216,6 +234,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (stored with every run)."""
@@ -376,12 +395,14 @@ _AT_LEAST_ONE = {
         "mmr_depth",
     ),
     "eval": ("max_requests", "bootstrap"),
+    "serve": ("keep_snapshots", "max_k", "max_query_chars", "max_batch", "max_history"),
 }
 _AT_LEAST_ZERO = {
     "split": ("min_events",),
     # 0 validation requests: train without validation (no early stopping, no tuned serving weights)
     "retriever": ("hard_negatives", "popularity_weight", "eval_requests"),
     "reranker": ("eval_requests",),
+    "serve": ("poll_seconds",),
 }
 
 

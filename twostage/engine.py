@@ -222,6 +222,17 @@ class Engine:
         return dict(self.project.index(name).manifest)
 
     # ------------------------------------------------------------------ serving
+    def publish(self, *, switch: str | None = None) -> dict[str, Any]:
+        """``twostage publish``: freeze what serving reads into a new snapshot under ``snapshots/`` and make it
+        current (see :mod:`twostage.snapshot`); with ``switch``, make that published snapshot current again (a
+        rollback). Servers swap to the current snapshot on their next poll or ``POST /admin/reload``."""
+        from twostage import snapshot
+
+        if switch is not None:
+            snapshot.switch(self.project_dir, switch)
+            return {"snapshot_id": switch, "snapshots": snapshot.list_snapshots(self.project_dir)}
+        return {**snapshot.publish(self.project), "snapshots": snapshot.list_snapshots(self.project_dir)}
+
     def search(
         self,
         text: str,
@@ -271,13 +282,7 @@ class Engine:
             raise TwostageError("give either a user id or a history of item ids")
         pipe = self.pipeline(split)
         if history is not None:
-            items = [str(i).strip() for i in history]
-            unknown = [i for i in items if i not in pipe.catalogue]
-            if unknown:
-                raise NotFoundError(f"unknown item_id '{unknown[0]}' in the history")
-            if not items:
-                raise TwostageError("the history is empty; give at least one item id")
-            request = pipe.user_request("session", items)
+            request = pipe.session_request(history)
         else:
             request = pipe.user_request(
                 str(user_id).strip(), self._history(str(user_id).strip(), split, part)

@@ -27,7 +27,7 @@ import numpy as np
 
 from twostage.config import IndexConfig, RerankerConfig, RetrieverConfig
 from twostage.cowatch import shared_history
-from twostage.errors import ConfigError, TwostageError
+from twostage.errors import ConfigError, NotFoundError, TwostageError
 from twostage.explain import explain_hits
 from twostage.ranker import Candidate, fuse, mmr
 from twostage.requests import Request, user_text
@@ -148,6 +148,16 @@ class Pipeline:
         history = tuple(history)
         exclude = frozenset(history) if self.settings.exclude_seen else frozenset()
         return Request(str(user_id), user_text(history, self.catalogue, self.text), exclude, history)
+
+    def session_request(self, history: Sequence[str]) -> Request:
+        """An anonymous session's request from its item ids (newest first), each checked against the catalogue."""
+        items = [str(i).strip() for i in history]
+        unknown = [i for i in items if i not in self.catalogue]
+        if unknown:
+            raise NotFoundError(f"unknown item_id '{unknown[0]}' in the history")
+        if not items:
+            raise TwostageError("the history is empty; give at least one item id")
+        return self.user_request("session", items)
 
     @property
     def runs_reranker(self) -> bool:

@@ -356,6 +356,16 @@ class Store:
             out[user_id] = items[:limit] if limit else items
         return out
 
+    def export_histories(self, path: str | Path) -> None:
+        """Write every user's items, newest first, to a Parquet file (``user_id``, ``history``): what a published
+        snapshot serves ``recommend`` from. DuckDB writes it in one streaming pass."""
+        target = str(path).replace("'", "''")
+        with self.con.cursor() as cur:
+            cur.execute(
+                "COPY (SELECT user_id, list(item_id ORDER BY ts DESC, seq DESC) AS history FROM events "
+                f"GROUP BY 1 ORDER BY 1) TO '{target}' (FORMAT parquet)"
+            )
+
     def train_events(self, split: str, relevance: RelevanceConfig) -> list[tuple[str, str, float, Any, int]]:
         """Events usable for training under ``split``: before each user's earliest held-out cut-off.
 
