@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,55 @@ def test_reload_swaps_in_a_new_snapshot_and_refuses_a_corrupt_one(tmp_path, proj
         assert f"snapshot {broken} refused" in caplog.text
         assert c.get("/readyz").json()["snapshot"] == fresh
         assert c.post("/search", json={"query": "comedy"}).status_code == 200
+
+
+def test_under_concurrent_requests_a_swap_fails_none_and_each_answer_is_its_snapshots(tmp_path, project):
+    """Threads search while a new snapshot (with a retitled item) is published and reloaded: no request fails,
+    and every response equals the ranking of the snapshot it names."""
+    import threading
+
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    old = snapshots.current_id(copy)
+    engine = Engine.open(copy)
+    (tmp_path / "retitle.csv").write_text("item_id,title,genres\n4,romance film premiere,Romance\n")
+    engine.ingest(tmp_path / "retitle.csv", "items")
+    engine.index_add()
+    queries = ["comedy film", "romance premiere", "a drama"]
+    responses, stop = [], threading.Event()
+    with TestClient(create_app(copy)) as c:
+
+        def send(n: int) -> None:
+            while not stop.is_set():
+                r = c.post("/search", json={"query": queries[n % 3], "k": 5})
+                responses.append((queries[n % 3], r.status_code, r.json()))
+                n += 1
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        new = engine.publish()["snapshot_id"]
+        assert c.post("/admin/reload").json()["reloaded"] is True
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    engine.close()
+    assert {status for _, status, _ in responses} == {200}
+    seen = Counter(body["snapshot"] for _, _, body in responses)
+    assert set(seen) == {old, new} and min(seen.values()) >= 3, seen
+    pipes = {sid: snapshots.load(copy, sid).pipeline for sid in (old, new)}
+    from twostage.requests import Request
+
+    expected = {
+        (sid, q): [h.item_id for h in pipe.rank([Request("query", q)], 5)[0].hits]
+        for sid, pipe in pipes.items()
+        for q in queries
+    }
+    assert expected[(old, "romance premiere")] != expected[(new, "romance premiere")]
+    for query, _, body in responses:
+        assert [h["item_id"] for h in body["hits"]] == expected[(body["snapshot"], query)]
 
 
 def test_a_pinned_snapshot_is_served_and_the_poll_follows_current(tmp_path, project):

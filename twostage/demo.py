@@ -95,6 +95,7 @@ def run_demo(
     )
     user = sorted(engine.store.targets(engine.default_split(), "test"))[0]
     ranking = step("recommend (explained)", lambda: engine.recommend(user, 5, explain=True))
+    published = step("publish snapshot", engine.publish)
 
     settings = engine.project.settings(with_reranker=True)
     lines = [
@@ -120,6 +121,11 @@ def run_demo(
         "",
         f"Recommendations for user {user} ({ranking.request_text[:100]}...):",
     ]
+    serve_hint = (
+        f"Published snapshot {published['snapshot_id']}: serve it with "
+        f"'twostage -p {root} serve' and try "
+        f"curl -s localhost:8000/recommend -H 'Content-Type: application/json' -d '{{\"user_id\": \"{user}\"}}'"
+    )
     for hit in ranking.hits:
         lines.append(f"  {hit.rank}. {hit.title}")
         for d in raised_score((hit.explanation or {}).get("drivers", []))[:2]:
@@ -129,6 +135,8 @@ def run_demo(
             lines.append(f"       often watched with your {'; '.join(watched_with[:3])}")
     lines += [
         "",
+        serve_hint,
+        "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
         f"Total: {sum(timings.values()):.0f}s",
     ]
@@ -136,6 +144,7 @@ def run_demo(
     return {
         "project": str(root),
         "timings": timings,
+        "snapshot": published["snapshot_id"],
         "report": report.to_dict(),
         "recommendations": ranking,
         "text": "\n".join(lines),
