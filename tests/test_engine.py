@@ -144,8 +144,10 @@ def test_evaluate_writes_metrics_and_compares(trained_project, tmp_path):
 
 def test_index_refuses_other_model(trained_project, tiny_bert_path):
     engine = Engine.open(trained_project, overrides={"text.item_template": "{title} only"})
-    with pytest.raises(IndexMismatchError, match="text_fingerprint"):
-        engine.index_info()
+    with pytest.raises(IndexMismatchError, match=r"item_template .*, which is now '\{title\} only'"):
+        engine.pipeline()
+    # index info still shows the manifest, saying what does not fit
+    assert "which is now '{title} only'" in engine.index_info()["mismatch"]
     # how users become text does not change item vectors: the index still serves
     engine = Engine.open(
         trained_project, overrides={"text.user_template": "Seen: {history}", "text.history_size": 3}

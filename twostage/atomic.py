@@ -29,6 +29,9 @@ def replace_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str]) 
     A crash between the two renames (microseconds) leaves both complete copies as hidden siblings.
     """
     staged, target = Path(staged), Path(target)
+    if staged.resolve().is_relative_to(target.resolve()):
+        # moving target aside would carry staged (and whatever else target holds) with it
+        raise ValueError(f"refusing to replace {target}: it contains the new version {staged}")
     aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     if target.exists():
         os.rename(target, aside)
@@ -40,6 +43,35 @@ def replace_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str]) 
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def clean_leftovers(directory: str | os.PathLike[str]) -> list[str]:
+    """Tidy what a crashed write left in ``directory`` (one of the project's ``indexes/``, ``models/`` or
+    ``snapshots/``, whose hidden entries are all ours): an aside copy ``.<name>.old-*`` is put back when
+    ``<name>`` is missing (the crash fell between the two renames of :func:`replace_dir`) and deleted
+    otherwise; every other hidden entry (staging directories, temporary files, training work directories) is
+    deleted. Call it only while holding the project's write lock, when no write can be in progress.
+
+    Returns what was restored or deleted, for the log.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    done = []
+    for entry in sorted(root.iterdir()):
+        if not entry.name.startswith("."):
+            continue
+        name, sep, _ = entry.name[1:].rpartition(".old-")
+        if sep and entry.is_dir() and not (root / name).exists():
+            os.rename(entry, root / name)
+            done.append(f"restored {root / name}")
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(f"deleted {entry}")
+    return done
 
 
 def write_file(path: str | os.PathLike[str], data: str | bytes) -> Path:

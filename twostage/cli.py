@@ -59,7 +59,8 @@ def configure_logging(*, verbose: bool) -> None:
 
 
 def output_options(func: Callable) -> Callable:
-    """--json and --quiet for every command; maps TwostageError to a one-line error and exit code 1."""
+    """--json and --quiet for every command; maps TwostageError to a one-line error and exit code 1 (with
+    --json, ``{"error": ..., "type": ...}`` on stdout)."""
 
     @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")
@@ -69,18 +70,25 @@ def output_options(func: Callable) -> Callable:
         try:
             return func(*args, out=Output(as_json, quiet), **kwargs)
         except TwostageError as e:
+            if as_json:  # a script reading stdout gets JSON either way; the exit code still says it failed
+                click.echo(json.dumps({"error": str(e), "type": type(e).__name__}))
+                raise SystemExit(1) from e
             raise click.ClickException(str(e)) from e
 
     return wrapper
 
 
-def _engine(ctx: click.Context, out: Output, *, overrides: dict[str, Any] | None = None):
+def _engine(
+    ctx: click.Context, out: Output, *, overrides: dict[str, Any] | None = None, read_only: bool = False
+):
+    """The project's Engine; ``read_only`` for commands that only read, so they never take the write lock
+    and any number of them can run side by side."""
     from twostage.engine import Engine
 
     progress = not out.quiet and not out.as_json
     if not progress:
         _silence_library_progress()
-    return Engine.open(ctx.obj["project"], overrides=overrides, progress=progress)
+    return Engine.open(ctx.obj["project"], overrides=overrides, progress=progress, read_only=read_only)
 
 
 def _silence_library_progress() -> None:
@@ -227,20 +235,38 @@ def stats(ctx, out: Output) -> None:
 
     Example: twostage stats --json
     """
-    data = _engine(ctx, out).stats()
+    data = _engine(ctx, out, read_only=True).stats()
     out.result(data, lambda: [click.echo(f"{k:12} {v}") for k, v in data.items()])
 
 
 @cli.command()
 @click.argument("query")
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Allow one statement that changes the store (INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, ...). "
+    "Still nothing outside it: no ATTACH, COPY, EXPORT, INSTALL/LOAD, and no reading other files.",
+)
 @output_options
 @click.pass_context
-def sql(ctx, query, out: Output) -> None:
-    """Run SQL on the project's store (items, events, splits, runs, results, metrics, ...).
+def sql(ctx, query, write, out: Output) -> None:
+    """Run one SQL statement on the project's store (items, events, splits, runs, results, metrics, ...).
+
+    Read-only unless --write: the store is opened read-only and with DuckDB's external access off, so no
+    file, URL, database or extension outside the store can be reached either way.
 
     Example: twostage sql "SELECT stage, metric, k, value FROM metrics ORDER BY 1, 2, 3"
     """
-    columns, rows = _engine(ctx, out).sql(query)
+    from twostage.engine import Engine
+    from twostage.project import STORE_FILE
+    from twostage.store import Store
+
+    # the project's directory and config, checked; the Engine's own store stays closed (and no model loads,
+    # so no need to import transformers to silence it)
+    engine = Engine.open(ctx.obj["project"])
+    # a connection of its own: external access off is permanent for a DuckDB database in this process
+    with Store(engine.project_dir / STORE_FILE, read_only=not write, external_access=False) as store:
+        columns, rows = store.sql(query, write=write)
     out.result([dict(zip(columns, r, strict=True)) for r in rows], lambda: _table(columns, rows))
 
 
@@ -403,8 +429,18 @@ def index_info(ctx, name, out: Output) -> None:
 
     Example: twostage index info --json
     """
-    manifest = _engine(ctx, out).index_info(name)
-    out.result(manifest, lambda: [click.echo(f"{k:18} {v}") for k, v in manifest.items()])
+    manifest = _engine(ctx, out, read_only=True).index_info(name)
+
+    def human() -> None:
+        for k, v in manifest.items():
+            if k != "mismatch":
+                click.echo(f"{k:18} {v}")
+        if manifest["mismatch"]:
+            click.echo(
+                f"warning: this index does not fit the current setup: {manifest['mismatch']}", err=True
+            )
+
+    out.result(manifest, human)
 
 
 def _print_ranking(out: Output, ranking) -> None:
@@ -450,7 +486,10 @@ def search(ctx, text, k, stage, explain, diversify, out: Output) -> None:
 
     Example: twostage search "vitamin D and bone density" -k 5 --explain
     """
-    _print_ranking(out, _engine(ctx, out).search(text, k, stage=stage, explain=explain, diversify=diversify))
+    _print_ranking(
+        out,
+        _engine(ctx, out, read_only=True).search(text, k, stage=stage, explain=explain, diversify=diversify),
+    )
 
 
 # the command's first name, kept so scripts that call it keep working
@@ -488,7 +527,7 @@ def recommend(ctx, user_id, k, history, stage, explain, diversify, split_name, p
     if (user_id is None) == (history is None):
         raise click.UsageError("give a USER_ID or --history ITEM,ITEM,... (one of them)")
     items = [i for i in history.split(",") if i.strip()] if history is not None else None
-    ranking = _engine(ctx, out).recommend(
+    ranking = _engine(ctx, out, read_only=True).recommend(
         user_id,
         k,
         history=items,

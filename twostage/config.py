@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -38,6 +39,17 @@ class TextConfig:
     history_item_template: str = "{title}"
     history_size: int = 10
     history_separator: str = "; "
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """What ingestion accepts beyond the schema (``twostage ingest``).
+
+    An event's ``ts`` may lie at most ``future_seconds`` past the current time (clock skew, time zones); a
+    later one is refused, since it would become its user's held-out target in every split.
+    """
+
+    future_seconds: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -109,11 +121,14 @@ class IndexConfig:
 
     ``exclude_seen`` drops a user's own history from recall (full-ranking protocol); turn it off where users
     re-consume items (groceries, music), or a repeated held-out item could never be hit.
+    A ranking is at most ``max_k`` items (search, recommend, evaluation): a k of 100,000 would search and
+    explain the whole catalogue, and is refused with a message instead. ``depth`` is at most ``max_k`` too.
     """
 
     name: str = "default"
     build: str = "flat"
     depth: int = 100
+    max_k: int = 1000
     exclude_seen: bool = True
     use_gpu: bool | None = None
 
@@ -228,6 +243,7 @@ class Config:
     """The whole resolved configuration of a project."""
 
     text: TextConfig = field(default_factory=TextConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
@@ -332,6 +348,20 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     return config
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def plain_name(name: str, what: str = "index name") -> str:
+    """``name`` if it is a plain file name (letters, digits, ``.``, ``_``, ``-``; no path), else an error: a
+    name becomes a directory under the project, and ``../x`` or ``/x`` would put it anywhere."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{what} {name!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most 100, "
+            "starting with a letter or digit); it names a directory inside the project"
+        )
+    return name
+
+
 def _validate(config: Config) -> None:
     choices = {
         "split.strategy": (config.split.strategy, ["leave-last-out", "ratio", "given"]),
@@ -355,6 +385,13 @@ def _validate(config: Config) -> None:
     for key, value in (("index.depth", config.index.depth), ("reranker.depth", config.reranker.depth)):
         if value < 1:
             raise ConfigError("must be at least 1", key=key)
+    for key in ("index.depth", "reranker.depth"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) > config.index.max_k:
+            raise ConfigError(f"must be at most [index] max_k ({config.index.max_k})", key=key)
+    if max(config.eval.ks, default=0) > config.index.max_k:
+        raise ConfigError(f"cut-offs must be at most [index] max_k ({config.index.max_k})", key="eval.ks")
+    plain_name(config.index.name)
     if config.reranker.serve_depth is not None and config.reranker.serve_depth < 1:
         raise ConfigError("must be at least 1", key="reranker.serve_depth")
     if "{cowatched}" in config.text.item_template:
@@ -394,6 +431,7 @@ _AT_LEAST_ONE = {
         "cowatch_recent_items",
         "mmr_depth",
     ),
+    "index": ("depth", "max_k"),
     "eval": ("max_requests", "bootstrap"),
     "serve": ("keep_snapshots", "max_k", "max_query_chars", "max_batch", "max_history"),
 }
@@ -403,6 +441,7 @@ _AT_LEAST_ZERO = {
     "retriever": ("hard_negatives", "popularity_weight", "eval_requests"),
     "reranker": ("eval_requests",),
     "serve": ("poll_seconds",),
+    "ingest": ("future_seconds",),
 }
 
 
@@ -508,6 +547,9 @@ item_template = "{title}. {categories}. {body}"
 user_template = "Recently: {history}"
 history_item_template = "{title}"
 history_size = 10
+
+[ingest]
+future_seconds = 86400.0      # how far past now an event's timestamp may lie
 
 [relevance]
 rating_event = "rating"

@@ -9,6 +9,7 @@ flight finishes on the pipeline it started on.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twostage.config import CONFIG_FILE, DEFAULT_TOML, Config, load_config
-from twostage.errors import NotFoundError, TwostageError
+from twostage.errors import IndexMismatchError, NotFoundError, TwostageError
 from twostage.project import STORE_FILE, Project
 from twostage.requests import Request
 from twostage.results import Ranking
@@ -43,11 +44,13 @@ class Engine:
         >>> engine.split()                                 # doctest: +SKIP
     """
 
-    def __init__(self, project_dir: str | Path, config: Config, *, progress: bool = False):
+    def __init__(
+        self, project_dir: str | Path, config: Config, *, progress: bool = False, read_only: bool = False
+    ):
         self.project_dir = Path(project_dir)
         self.config = config
         self.progress = progress
-        self.project = Project(self.project_dir, config, progress=progress)
+        self.project = Project(self.project_dir, config, progress=progress, read_only=read_only)
         self._serving: Pipeline | None = None
         self._swap = threading.Lock()
         self._index_writes = threading.Lock()  # one read-modify-write of the saved index at a time
@@ -60,13 +63,18 @@ class Engine:
         *,
         overrides: Mapping[str, Any] | None = None,
         progress: bool = False,
+        read_only: bool = False,
     ) -> Engine:
-        """Open an existing project (a directory with ``twostage.toml`` or a store)."""
+        """Open an existing project (a directory with ``twostage.toml`` or a store). ``read_only`` opens the
+        store without DuckDB's write lock, so several readers (``search``, ``recommend``, ``stats``) can run at
+        once; anything that writes then fails with DuckDB's own error."""
         root = Path(project_dir)
         if not (root / CONFIG_FILE).exists() and not (root / STORE_FILE).exists():
             raise NotFoundError(f"{root}: not a twostage project; create one with 'twostage init {root}'")
         config = load_config(root)
-        return cls(root, config.replace(overrides) if overrides else config, progress=progress)
+        return cls(
+            root, config.replace(overrides) if overrides else config, progress=progress, read_only=read_only
+        )
 
     @classmethod
     def init(cls, project_dir: str | Path, *, progress: bool = False) -> Engine:
@@ -127,6 +135,7 @@ class Engine:
     # ------------------------------------------------------------------ data
     def ingest(self, path: str | Path, kind: str, **options: Any) -> IngestReport:
         """``twostage ingest``: one file; see :meth:`twostage.store.Store.ingest` for the options."""
+        options.setdefault("future_seconds", self.config.ingest.future_seconds)
         report = self.store.ingest(path, kind, **options)
         self._changed(*_INGESTED.get(kind, ()))
         return report
@@ -154,9 +163,19 @@ class Engine:
         """``twostage stats``: row counts, users, event types, splits and runs."""
         return self.store.stats()
 
-    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
-        """``twostage sql``: run SQL against the project's store (results, metrics and logs stay queryable)."""
-        return self.store.sql(query)
+    def sql(self, query: str, *, write: bool = False) -> tuple[list[str], list[tuple]]:
+        """``twostage sql``: one statement against the project's store (results, metrics and logs stay
+        queryable); reads only unless ``write``. See :meth:`twostage.store.Store.sql` for what is refused.
+
+        This runs on the Engine's own connection, so the guard is DuckDB's statement types and a read-only
+        transaction: DuckDB opens a file with one configuration per process and cannot switch external access
+        back on, so a sandbox here would stop this Engine ingesting files. The CLI, whose process does nothing
+        else, runs the statement on a store opened read-only (unless ``--write``) with external access off.
+        """
+        result = self.store.sql(query, write=write)
+        if write:  # what was read from the tables may have changed
+            self._changed("items", "events", "splits")
+        return result
 
     # ------------------------------------------------------------------ index
     def index_build(self, name: str | None = None, *, build: str | None = None) -> dict[str, Any]:
@@ -172,6 +191,7 @@ class Engine:
             spec,
             model_fingerprint=encoder.fingerprint,
             text_fingerprint=self.project.text_fingerprint(),
+            provenance=self.project.index_provenance(),
             use_gpu=self.config.index.use_gpu,
             progress=self.progress,
         )
@@ -218,8 +238,13 @@ class Engine:
         return dict(index.manifest)
 
     def index_info(self, name: str | None = None) -> dict[str, Any]:
-        """``twostage index info``: the index manifest, checked against the current model and config."""
-        return dict(self.project.index(name).manifest)
+        """``twostage index info``: the index manifest, and whether it fits the current model and config
+        (``mismatch`` says what differs: the manifest is worth reading exactly when it does not fit)."""
+        try:
+            return {**self.project.index(name).manifest, "mismatch": None}
+        except IndexMismatchError as e:
+            path = self.project.index_dir(name) / "manifest.json"
+            return {**json.loads(path.read_text(encoding="utf-8")), "mismatch": str(e)}
 
     # ------------------------------------------------------------------ serving
     def publish(self, *, switch: str | None = None) -> dict[str, Any]:

@@ -46,13 +46,16 @@ class ConfigError(TwostageError, ValueError):
 class IndexMismatchError(TwostageError):
     """A saved index was built for another model or config than the one in use."""
 
-    def __init__(self, field: str, expected: Any, found: Any, path: str | None = None):
+    def __init__(
+        self, field: str, expected: Any, found: Any, path: str | None = None, *, reason: str | None = None
+    ):
         self.field, self.expected, self.found = field, expected, found
         where = f"{path}: " if path else ""
-        super().__init__(
-            f"{where}index manifest field '{field}' is {found!r} but the current setup expects {expected!r}; "
-            "rebuild the index (twostage index build)"
+        what = (
+            reason
+            or f"index manifest field '{field}' is {found!r} but the current setup expects {expected!r}"
         )
+        super().__init__(f"{where}{what}; rebuild the index (twostage index build)")
 
 
 class NotFoundError(TwostageError, LookupError):

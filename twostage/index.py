@@ -215,6 +215,7 @@ class VectorIndex:
         *,
         model_fingerprint: str,
         text_fingerprint: str | None = None,
+        provenance: Mapping[str, str] | None = None,
         use_gpu: bool | None = None,
         progress: bool = False,
     ) -> VectorIndex:
@@ -227,6 +228,8 @@ class VectorIndex:
             model_fingerprint: identifies the encoder; stored in the manifest and checked by :meth:`load`.
             text_fingerprint: identifies how items became text (the item template); stored and checked
                 like ``model_fingerprint``, since changing the template changes every vector.
+            provenance: what the fingerprints stand for in words (the model's path or name, the item
+                template), stored so that a mismatch can say what changed rather than quote two hashes.
             use_gpu: ``None`` uses the GPU when FAISS sees one; ``True`` requires it; ``False`` stays on CPU.
             progress: show a progress bar while adding.
 
@@ -278,6 +281,7 @@ class VectorIndex:
         meta = {
             "model_fingerprint": model_fingerprint,
             "text_fingerprint": text_fingerprint,
+            "provenance": dict(provenance or {}),
             "resolved_factory": factory,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
@@ -319,6 +323,7 @@ class VectorIndex:
             "twostage_version": _version(),
             "model_fingerprint": self._meta["model_fingerprint"],
             "text_fingerprint": self._meta.get("text_fingerprint"),
+            "provenance": self._meta.get("provenance") or {},
             "dim": self.dim,
             "metric": self._spec.metric,
             "factory": self._spec.factory,
@@ -613,6 +618,7 @@ class VectorIndex:
         meta = {
             "model_fingerprint": manifest["model_fingerprint"],
             "text_fingerprint": manifest.get("text_fingerprint"),
+            "provenance": manifest.get("provenance") or {},
             "resolved_factory": manifest.get("resolved_factory", manifest["factory"]),
             "created_at": manifest.get("created_at"),
         }

@@ -74,9 +74,17 @@ class Settings:
     mmr_lambda: float | None = RerankerConfig.mmr_lambda
     mmr_depth: int = RerankerConfig.mmr_depth
     exclude_seen: bool = IndexConfig.exclude_seen
+    max_k: int = IndexConfig.max_k
 
     def __post_init__(self) -> None:
-        for key in ("recall_depth", "rerank_depth", "mmr_depth", "popularity_pool", "popularity_pool_factor"):
+        for key in (
+            "recall_depth",
+            "rerank_depth",
+            "mmr_depth",
+            "popularity_pool",
+            "popularity_pool_factor",
+            "max_k",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be at least 1, got {getattr(self, key)}", key=key)
         if not 0.0 <= self.fusion_weight <= 1.0:
@@ -214,6 +222,10 @@ class Pipeline:
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise TwostageError(f"k must be a positive integer, got {k!r}")
+        if k > self.settings.max_k:
+            raise TwostageError(
+                f"k is {k}; a ranking has at most {self.settings.max_k} items ([index] max_k)"
+            )
         if stage not in STAGES:
             raise TwostageError(f"unknown stage '{stage}'; use 'recall' or 'rerank'")
         lam = self.settings.mmr_lambda if diversify is None else diversify

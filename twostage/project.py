@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twostage.atomic import replace_dir
+from twostage.atomic import clean_leftovers, replace_dir
+from twostage.config import plain_name
 from twostage.cowatch import FIELD, co_watched
-from twostage.errors import NotFoundError
+from twostage.errors import IndexMismatchError, NotFoundError
 from twostage.pipeline import LogCounts, Pipeline, Settings
 from twostage.requests import Catalogue
 from twostage.store import Store
@@ -54,6 +55,8 @@ _READS = {
     "index": {"models", "index"},
 }
 SOURCES = frozenset().union(*_READS.values())
+# directories whose hidden entries are our temporary artifacts (cleaned when the write lock is taken)
+ARTIFACT_DIRS = ("indexes", "models", "snapshots")
 
 
 class _Memo:
@@ -98,8 +101,9 @@ class _Memo:
 class Project:
     """One project directory: paths, the store, and the artifacts loaded from them (memoised)."""
 
-    def __init__(self, root: str | Path, config: Config, *, progress: bool = False):
+    def __init__(self, root: str | Path, config: Config, *, progress: bool = False, read_only: bool = False):
         self.root = Path(root)
+        self.read_only = read_only
         self.config = config
         self.progress = progress
         self._store: Store | None = None
@@ -112,7 +116,7 @@ class Project:
         return self.root / "models" / which
 
     def index_dir(self, name: str | None = None) -> Path:
-        return self.root / "indexes" / (name or self.config.index.name)
+        return self.root / "indexes" / plain_name(self.config.index.name if name is None else name)
 
     @property
     def embeddings_dir(self) -> Path:
@@ -122,8 +126,17 @@ class Project:
     def store(self) -> Store:
         with self._store_lock:
             if self._store is None:
-                self._store = Store(self.root / STORE_FILE)
+                self._store = Store(self.root / STORE_FILE, read_only=self.read_only)
+                if not self.read_only:
+                    self._clean_leftovers()
             return self._store
+
+    def _clean_leftovers(self) -> None:
+        """Holding the store's write lock, no other process is writing: whatever temporary artifacts lie in
+        the project are left by a crash."""
+        for name in ARTIFACT_DIRS:
+            for line in clean_leftovers(self.root / name):
+                logger.warning("cleaned up after an interrupted write: %s", line)
 
     def close(self) -> None:
         with self._store_lock:
@@ -207,8 +220,7 @@ class Project:
         """The bi-encoder: the project's fine-tuned one when it exists (unless ``base``), else the configured model."""
         from twostage.encoders import BiEncoder
 
-        trained = self.models_dir("retriever")
-        source = str(trained) if trained.exists() and not base else self.config.retriever.model
+        source = self.config.retriever.model if base else self.retriever_source()
         cfg = self.config.retriever
 
         def load() -> BiEncoder:
@@ -257,7 +269,46 @@ class Project:
         path = self.index_dir(name)
         if not path.exists():
             raise NotFoundError(f"no index at {path}; build one with 'twostage index build'")
-        return VectorIndex.load(path, expect=self.index_expect(self.retriever()))
+        try:
+            return VectorIndex.load(path, expect=self.index_expect(self.retriever()))
+        except IndexMismatchError as e:
+            raise IndexMismatchError(
+                e.field, e.expected, e.found, str(path), reason=self._mismatch(path, e.field)
+            ) from e
+
+    def index_provenance(self) -> dict[str, str]:
+        """What the index's fingerprints stand for, in words (stored in its manifest)."""
+        return {"model": self.retriever_source(), "item_template": self.config.text.item_template}
+
+    def retriever_source(self) -> str:
+        """The bi-encoder's path or name: the project's fine-tuned one when it exists, else the configured."""
+        trained = self.models_dir("retriever")
+        return str(trained) if trained.exists() else self.config.retriever.model
+
+    def _mismatch(self, path: Path, field: str) -> str | None:
+        """Why a saved index does not fit the current setup, in words (None for an index built before its
+        manifest recorded them, or a field without words)."""
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        built = manifest.get("provenance") or {}
+        now = self.index_provenance()
+        if field == "text_fingerprint" and "item_template" in built:
+            return (
+                f"the index was built with [text] item_template {built['item_template']!r}, "
+                f"which is now {now['item_template']!r}"
+            )
+        if field == "model_fingerprint" and "model" in built:
+            same = built["model"] == now["model"]
+            return f"the index was built with the bi-encoder {built['model']}" + (
+                ", which has changed since (retrained?)"
+                if same
+                else f", but the retriever is now {now['model']}"
+            )
+        if field == "dim" and "model" in built:
+            return (
+                f"the index holds {manifest.get('dim')}-dimensional vectors of {built['model']}, "
+                f"but {now['model']} makes {self.retriever().dim}-dimensional ones"
+            )
+        return None
 
     def index(self, name: str | None = None) -> VectorIndex:
         """The saved index, checked against the current bi-encoder and text config."""
@@ -354,6 +405,7 @@ class Project:
             mmr_lambda=cfg.mmr_lambda,
             mmr_depth=cfg.mmr_depth,
             exclude_seen=self.config.index.exclude_seen,
+            max_k=self.config.index.max_k,
         )
 
     def pipeline(self, split: str | None = None, *, all_counts: bool = False) -> Pipeline:

@@ -63,6 +63,21 @@ CREATE TABLE IF NOT EXISTS rejects(
     kind VARCHAR, file VARCHAR, "row" BIGINT, "column" VARCHAR, reason VARCHAR, ingested_at TIMESTAMP);
 """
 
+# The tables of the first release: a store that has tables but lacks one of these lost it (Store refuses to
+# open it). Tables added to SCHEMA later are not listed, so opening an older store creates them.
+CORE_TABLES = (
+    "items",
+    "events",
+    "queries",
+    "judgments",
+    "splits",
+    "split_info",
+    "runs",
+    "results",
+    "metrics",
+    "request_metrics",
+)
+
 # Each user's earliest held-out (ts, seq) in a split (bind the split name): events before it are train-side.
 USER_CUTOFFS = """
     SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
@@ -83,12 +98,23 @@ class Store:
         0
     """
 
-    def __init__(self, path: str | Path, *, read_only: bool = False):
+    def __init__(self, path: str | Path, *, read_only: bool = False, external_access: bool = True):
+        """Open (or create) the store. ``external_access=False`` switches DuckDB's ``enable_external_access``
+        off for this connection's database: no file, URL, other database or extension outside the store can
+        be reached (what ``twostage sql`` opens). DuckDB cannot switch it back on, nor open the same file with
+        another configuration in the same process while this connection is open.
+
+        Raises:
+            TwostageError: the file is locked by another process, or a core table is missing.
+        """
         import duckdb
 
         self.path = str(path)
+        config = {} if external_access else {"enable_external_access": False}
         try:
-            self.con: duckdb.DuckDBPyConnection = duckdb.connect(self.path, read_only=read_only)
+            self.con: duckdb.DuckDBPyConnection = duckdb.connect(
+                self.path, read_only=read_only, config=config
+            )
         except duckdb.Error as e:
             if held := _LOCK_HOLDER.search(str(e)):
                 raise TwostageError(
@@ -97,8 +123,30 @@ class Store:
                 ) from e
             raise TwostageError(f"{self.path}: cannot open the store: {e}") from e
         self.con.execute("SET TimeZone = 'UTC'")
+        self._require_core_tables()
         if not read_only:
             self.con.execute(SCHEMA)
+
+    def _require_core_tables(self) -> None:
+        """A store with tables but not every core one lost some (e.g. ``DROP TABLE``): re-creating them empty
+        would silently lose the data, so that is an error. A new database (no tables) gets the schema; tables
+        added to SCHEMA after the first release are not core, so older stores get them created."""
+        have = {
+            r[0]
+            for r in self.con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND schema_name = 'main'"
+            ).fetchall()
+        }
+        missing = [t for t in CORE_TABLES if t not in have]
+        if have and missing:
+            self.con.close()
+            names = ", ".join(f"'{t}'" for t in missing)
+            what = f"table {names} is" if len(missing) == 1 else f"tables {names} are"
+            raise TwostageError(
+                f"{self.path}: {what} missing (dropped?); restore the store from a backup or re-ingest into "
+                "a new project"
+            )
 
     def close(self) -> None:
         self.con.close()
@@ -144,6 +192,7 @@ class Store:
         event: str = "interaction",
         part: str = "test",
         category_separator: str = "|",
+        future_seconds: float | None = None,
     ) -> IngestReport:
         """Load one file of ``kind`` (items, events, queries, judgments) in one transaction.
 
@@ -155,6 +204,8 @@ class Store:
             event: event type for files without an ``event`` column (e.g. ``rating``).
             part: split part for judgments without a ``part`` column (e.g. ``train``, ``test``).
             category_separator: splits a text ``categories`` column into a list.
+            future_seconds: how far past now an event's ``ts`` may lie (``[ingest] future_seconds``; None:
+                that key's default).
 
         Raises:
             InputError: naming file, row and column; the store is left exactly as it was.
@@ -169,6 +220,7 @@ class Store:
                 event=event,
                 part=part,
                 category_separator=category_separator,
+                future_seconds=future_seconds,
             )
 
     def attach_tags(self, path: str | Path, *, item_column: str, tag_column: str, top: int = 5) -> int:
@@ -204,16 +256,47 @@ class Store:
         out["runs"] = self.count("runs")
         return out
 
-    def sql(self, query: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
-        """Run a user's SQL (``twostage sql``): column names and rows."""
+    def sql(
+        self, query: str, params: Sequence[Any] | None = None, *, write: bool = False
+    ) -> tuple[list[str], list[tuple]]:
+        """Run one statement of a user's SQL (``twostage sql``): column names and rows.
+
+        DuckDB's parser counts the statements and reports their type. Reads only, unless ``write``: a
+        statement of another type is refused, and the read runs in a read-only transaction (which also stops
+        ``EXPLAIN ANALYZE DELETE ...``). Statements reaching outside the store (ATTACH, COPY, EXPORT,
+        INSTALL/LOAD) or the connection's state (SET, transactions, PREPARE) are refused even with
+        ``write``. Reading files with table functions (``read_csv('/any/file')``) can only be stopped by
+        DuckDB's ``enable_external_access``, which is per database and permanent: open the store with
+        ``external_access=False`` for that (the CLI does).
+
+        Raises:
+            TwostageError: one line, naming the refusal or DuckDB's error.
+        """
         import duckdb
 
         try:
+            statements = self.con.extract_statements(query)
+        except duckdb.Error as e:
+            raise TwostageError(f"SQL error: {str(e).splitlines()[0]}") from e
+        if len(statements) != 1:
+            hint = " (separate them into calls)" if statements else " (the query is empty)"
+            raise TwostageError(f"sql runs one statement; found {len(statements)}{hint}")
+        _check_statement(statements[0], write=write)
+        try:
             with self.con.cursor() as cur:
+                if not write:
+                    cur.execute("BEGIN TRANSACTION READ ONLY")
                 cur.execute(query, params or [])
                 names = [d[0] for d in cur.description] if cur.description else []
-                return names, cur.fetchall() if cur.description else []
+                rows = cur.fetchall() if cur.description else []
+                if not write:
+                    cur.execute("ROLLBACK")
+                return names, rows
         except duckdb.Error as e:
+            if not write and "read-only mode" in str(e):
+                raise TwostageError(
+                    "sql is read-only: this statement writes to the store; it needs --write"
+                ) from e
             raise TwostageError(f"SQL error: {str(e).splitlines()[0]}") from e
 
     # ------------------------------------------------------------------ splits
@@ -407,6 +490,60 @@ class Store:
                 [list(query_ids)],
             )
         )
+
+
+# what `twostage sql` runs without --write: statement types that only read, and PRAGMAs that only show
+_READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+_READ_PRAGMAS = {
+    "collations",
+    "database_list",
+    "database_size",
+    "functions",
+    "metadata_info",
+    "platform",
+    "show",
+    "show_databases",
+    "show_tables",
+    "show_tables_expanded",
+    "storage_info",
+    "table_info",
+    "user_agent",
+    "version",
+}
+# refused even with --write: they reach files, databases or extensions outside the store ...
+_OUTSIDE_STATEMENTS = {"ATTACH", "DETACH", "COPY", "COPY_DATABASE", "EXPORT", "LOAD"}
+# ... or change the connection rather than the store
+_SESSION_STATEMENTS = {"SET", "VARIABLE_SET", "TRANSACTION", "PREPARE", "EXECUTE"}
+_PRAGMA_NAME = re.compile(r"\s*PRAGMA\s+(\w+)\s*(?:\(|;|$)", re.IGNORECASE)
+_CREATE_SECRET = re.compile(r"\s*CREATE\s+(OR\s+REPLACE\s+)?(\w+\s+)?SECRET\b", re.IGNORECASE)
+
+
+def _check_statement(statement: Any, *, write: bool) -> None:
+    """Refuse, in one line, a statement ``Store.sql`` does not run (see there)."""
+    kind = statement.type.name
+    name = kind.replace("_", " ")
+    if kind == "LOAD":  # INSTALL and LOAD are both LOAD statements
+        name = "INSTALL" if re.match(r"\s*(FORCE\s+)?INSTALL\b", statement.query, re.IGNORECASE) else "LOAD"
+    if kind == "CREATE" and _CREATE_SECRET.match(statement.query):  # secrets are kept in ~/.duckdb
+        kind = name = "CREATE SECRET"
+    if kind in _OUTSIDE_STATEMENTS or kind == "CREATE SECRET":
+        raise TwostageError(
+            f"sql does not run {name} statements, even with --write: they reach files, databases or "
+            "extensions outside the project's store (load files with 'twostage ingest')"
+        )
+    if kind in _SESSION_STATEMENTS:
+        raise TwostageError(
+            f"sql does not run {name} statements, even with --write: each call is one statement, and settings, "
+            "transactions and prepared statements belong to the connection, not the store"
+        )
+    if write:
+        return
+    if kind == "PRAGMA":
+        pragma = _PRAGMA_NAME.match(statement.query)
+        if not pragma or pragma.group(1).lower() not in _READ_PRAGMAS:
+            raise TwostageError("sql is read-only: this PRAGMA is not one that only shows; it needs --write")
+    elif kind not in _READ_STATEMENTS:
+        raise TwostageError(f"sql is read-only: {name} statements need --write")
 
 
 _TABLES = {

@@ -1,6 +1,6 @@
 """Fill README.md's Results section from the benchmark JSON, so the README never shows numbers nobody measured.
 
-Reads whichever of tools/bench/results/{quality_scifact,quality_movielens,ingest_eval,encode,ann,latency}.json
+Reads whichever of tools/bench/results/{quality_scifact,quality_movielens,ingest_eval,encode,ann,latency,serve}.json
 exist, renders markdown tables (quality per dataset, performance, ANN) with the machine and date, and replaces
 the text between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tools" / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-KNOWN = ("quality_scifact", "quality_movielens", "ingest_eval", "encode", "ann", "latency")
+KNOWN = ("quality_scifact", "quality_movielens", "ingest_eval", "encode", "ann", "latency", "serve")
 QUALITY_RUNS = {  # bench_quality.py keys, in the order the story is told
     "eval": "",
     "zero_shot_eval": "zero-shot bi-encoder",
@@ -310,6 +310,57 @@ def render_ann(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def render_serve(data: dict[str, Any]) -> list[str]:
+    """``twostage serve`` under load (bench_serve.py): per endpoint, stage and client count."""
+    lines = [
+        f"**Serving over HTTP** (`tools/bench/bench_serve.py`, a `twostage serve` process on 127.0.0.1 on the demo "
+        f"project, {data.get('requests_per_endpoint')} distinct real requests per row, top {data.get('k')}), "
+        f"{str(data.get('when', ''))[:10]}",
+        "",
+    ]
+    body = []
+    for name, row in (data.get("load") or {}).items():
+        endpoint, stage = name.split("_", 1)
+        for clients in (1, 4, 16):
+            x = row.get(f"clients_{clients}")
+            if not x or not x.get("latency_s"):
+                continue
+            body.append(
+                [
+                    f"`{endpoint}` {stage}",
+                    str(clients),
+                    f"{x['latency_s']['p50']:.3f}",
+                    f"{x['latency_s']['p99']:.3f}",
+                    f"{x['requests_per_s']:.1f}",
+                    str(x["errors"]),
+                    f"{row['served_over_library_p50']:.2f}" if clients == 1 else "",
+                    str(row["answers_differing_from_library"]) if clients == 1 else "",
+                ]
+            )
+    header = ["request", "clients", "p50 s", "p99 s", "req/s", "errors", "p50 / library", "answers ≠ library"]
+    lines += _table(header, body)
+    notes = []
+    swap = data.get("swap")
+    if swap:
+        counts = ", ".join(f"{n} from {sid}" for sid, n in swap["responses_per_snapshot"].items())
+        notes.append(
+            f"- Hot swap under 4 clients: a snapshot published ({swap['publish_seconds']} s) and reloaded "
+            f"({swap['reload_seconds']} s) mid-run; {swap['errors']} failed of {swap['sent']}; {counts}; "
+            f"{swap['responses_from_other_snapshots']} from any other snapshot and "
+            f"{swap['started_after_reload_from_old']} started after the reload answered by the old one."
+        )
+    workers = data.get("workers")
+    if workers:
+        during = workers.get("during_training") or {}
+        notes.append(
+            f"- `--workers 2` ({workers.get('worker_pids')} worker processes) while `twostage train reranker` ran "
+            f"in a third process ({workers.get('training_seconds')} s, exit code {workers.get('training_exit_code')}): "
+            f"{during.get('sent')} requests, {during.get('errors')} errors; stage-1 p50 "
+            f"{workers.get('p50_during_over_before', float('nan')):.2f}× that before training."
+        )
+    return lines + (["", *notes] if notes else [])
+
+
 def render(results: dict[str, dict]) -> str:
     """The whole Results section (without the markers) for whichever benchmark results are present."""
     if not results:
@@ -330,6 +381,8 @@ def render(results: dict[str, dict]) -> str:
         lines += _table(["benchmark", "result", "measured"], perf)
     if "ann" in results:
         lines += ([""] if perf else []) + render_ann(results["ann"])
+    if "serve" in results:
+        lines += ["", *render_serve(results["serve"])]
     return "\n".join(lines)
 
 

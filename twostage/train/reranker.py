@@ -442,7 +442,9 @@ def train_reranker(
     )
     steps_per_epoch = math.ceil(len(train_lists) / batch_size)
     output_dir = Path(output_dir)
-    workdir = tempfile.mkdtemp(prefix="twostage-reranker-")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # inside the project (beside output_dir), so a crash leaves nothing in /tmp and the next open cleans it
+    workdir = tempfile.mkdtemp(prefix=".work-", dir=output_dir.parent)
     started = time.perf_counter()
     trainer_keeps_best = evaluator is not None and tuner is None
     try:
