@@ -285,7 +285,7 @@ def part_workers(project: Path, requests: dict[str, list[dict[str, Any]]], args)
     ]
     out: dict[str, Any] = {}
     with server(project, workers=2) as (proc, url):
-        out["worker_pids"] = len(worker_pids(proc))
+        out["worker_processes"] = len(worker_pids(proc))
         out["before_training"] = summary(load(url, calls, 4, max_seconds=args.max_seconds))
         trainer = subprocess.Popen(
             [*TWOSTAGE, "-p", str(project), "train", "reranker", "--no-publish", "--quiet", "--json"],
@@ -298,7 +298,7 @@ def part_workers(project: Path, requests: dict[str, list[dict[str, Any]]], args)
         try:
             while trainer.poll() is None and time.perf_counter() - t0 < args.train_seconds:
                 rounds.append(load(url, calls, 4, max_seconds=args.max_seconds))
-                out["worker_pids_during_training"] = len(worker_pids(proc))
+                out["worker_processes_during_training"] = len(worker_pids(proc))
         finally:
             if trainer.poll() is None:
                 os.killpg(trainer.pid, signal.SIGTERM)

@@ -353,7 +353,9 @@ def render_serve(data: dict[str, Any]) -> list[str]:
     if workers:
         during = workers.get("during_training") or {}
         notes.append(
-            f"- `--workers 2` ({workers.get('worker_pids')} worker processes) while `twostage train reranker` ran "
+            "- `--workers 2`"
+            + (f" ({workers['worker_processes']} worker processes)" if "worker_processes" in workers else "")
+            + " while `twostage train reranker` ran "
             f"in a third process ({workers.get('training_seconds')} s, exit code {workers.get('training_exit_code')}): "
             f"{during.get('sent')} requests, {during.get('errors')} errors; stage-1 p50 "
             f"{workers.get('p50_during_over_before', float('nan')):.2f}× that before training."
