@@ -57,6 +57,16 @@ def tiny_bert_path(tmp_path_factory) -> Path:
     return st_dir
 
 
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    """Write a test file (text as UTF-8, or bytes as they are) and return its path."""
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
 
 

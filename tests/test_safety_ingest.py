@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import write
 
 from twostage.cli import cli
 from twostage.engine import Engine
@@ -20,15 +21,6 @@ from twostage.store import Store
 ITEMS = "item_id,title\n1,Heat\n2,Casino\n3,Toy Story\n"
 EVENT_MAP = {"user_id": "user", "item_id": "item", "value": "rating"}
 HEADER = "user,item,rating,ts\n"
-
-
-def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
-    path = tmp_path / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

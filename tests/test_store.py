@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, write
 
 from twostage.config import Config, RelevanceConfig, SplitConfig
 from twostage.errors import InputError, NotFoundError, TwostageError
@@ -16,15 +15,6 @@ ITEMS = "item_id,title,genres\n1,Heat (1995),Action|Crime\n2,Casino (1995),Crime
 EVENTS = "user,item,rating,ts\nu1,1,5,100\nu1,2,3,200\nu1,3,4,300\nu2,1,4,150\nu2,3,2,250\nu2,2,5,260\n"
 EVENT_MAP = {"user_id": "user", "item_id": "item", "value": "rating"}
 CLICK_MAP = {"user_id": "user", "item_id": "item"}
-
-
-def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
-    path = tmp_path / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ renames (atomic on one file system), so a crash or a concurrent reader never mee
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -72,6 +73,15 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[str]:
             entry.unlink(missing_ok=True)
         done.append(f"deleted {entry}")
     return done
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, read in 1 MB blocks (manifests of indexes and snapshots)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_file(path: str | os.PathLike[str], data: str | bytes) -> Path:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from twostage.atomic import replace_dir, staging_dir
+from twostage.atomic import file_sha256, replace_dir, staging_dir
 from twostage.errors import (
     ConfigError,
     IndexMismatchError,
@@ -137,14 +137,6 @@ def _check_ids(item_ids: Sequence[str], n: int | None = None) -> list[str]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"item id {dup!r} appears more than once; pass each item once")
     return ids
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -561,7 +553,7 @@ class VectorIndex:
         absent = [key for key in required if key not in manifest]
         if absent:
             raise InputError(f"manifest lacks {absent}; rebuild the index", file=str(root / MANIFEST_FILE))
-        found_sha = _sha256(root / IDS_FILE)
+        found_sha = file_sha256(root / IDS_FILE)
         if found_sha != manifest["ids_sha256"]:
             raise InputError(
                 f"ids checksum mismatch (manifest {manifest['ids_sha256'][:12]}…, file {found_sha[:12]}…): "

@@ -232,15 +232,19 @@ class Project:
     def reranker(self, *, base: bool = False) -> Reranker | None:
         """The cross-encoder: the project's trained one, or a configured non-default model; None if neither or
         ``[reranker] enabled = false``. The default base has an untrained head: only ``base=True`` gives it."""
-        cfg = self.config.reranker
-        trained = self.models_dir("reranker")
         if base:
-            return self.load_reranker(cfg.model)
+            return self.load_reranker(self.config.reranker.model)
+        source = self.reranker_source()
+        return self.load_reranker(source) if source is not None else None
+
+    def reranker_source(self) -> str | None:
+        """The path or name of the cross-encoder that serves (see :meth:`reranker`), or None."""
+        cfg, trained = self.config.reranker, self.models_dir("reranker")
         if not cfg.enabled:
             return None
         if trained.exists():
-            return self.load_reranker(str(trained))
-        return self.load_reranker(cfg.model) if cfg.model != "default" else None
+            return str(trained)
+        return cfg.model if cfg.model != "default" else None
 
     def load_reranker(self, source: str) -> Reranker:
         """A cross-encoder from a path or name (``default``: MiniLM with a fresh head), loaded once."""

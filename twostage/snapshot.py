@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twostage.atomic import write_file
+from twostage.atomic import file_sha256, write_file
 from twostage.config import TextConfig
 from twostage.errors import InputError, NotFoundError
 from twostage.pipeline import LogCounts, Pipeline, Settings
@@ -125,7 +124,7 @@ def publish(project: Project) -> dict[str, Any]:
                 project.models_dir("retriever"), project.config.retriever.model, staged / "retriever"
             )
         }
-        reranker_source = _reranker_source(project)
+        reranker_source = project.reranker_source()
         if reranker_source is not None:
             models["reranker"] = _freeze_model(Path(reranker_source), reranker_source, staged / "reranker")
         config = project.config
@@ -185,16 +184,6 @@ def _prune(project_root: Path, keep: int) -> None:
             shutil.rmtree(snapshots_dir(project_root) / old, ignore_errors=True)
 
 
-def _reranker_source(project: Project) -> str | None:
-    cfg = project.config.reranker
-    trained = project.models_dir("reranker")
-    if not cfg.enabled:
-        return None
-    if trained.exists():
-        return str(trained)
-    return cfg.model if cfg.model != "default" else None
-
-
 def _freeze_model(trained: Path, configured: str, target: Path) -> dict[str, str]:
     """The model's directory (trained, or a configured local path) linked into the snapshot, so nothing outside
     it can change what it serves; else the name to load (the packaged default, a hub name), whose weights the
@@ -227,17 +216,9 @@ def _write_map(path: Path, column: str, values: dict[str, Any]) -> None:
     pq.write_table(pa.table({"item_id": list(values), column: list(values.values())}), path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_table(root: Path) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(root.rglob("*"))
         if p.is_file() and p != root / MANIFEST
     }
@@ -325,7 +306,7 @@ def _checked_manifest(root: Path) -> dict[str, Any]:
         path = root / name
         if not path.is_file():
             raise InputError("file missing from the snapshot; publish again", file=str(path))
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
             raise InputError(
                 "file changed since the snapshot was published (checksum mismatch); publish again",
                 file=str(path),

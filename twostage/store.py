@@ -546,16 +546,4 @@ def _check_statement(statement: Any, *, write: bool) -> None:
         raise TwostageError(f"sql is read-only: {name} statements need --write")
 
 
-_TABLES = {
-    "items",
-    "events",
-    "queries",
-    "judgments",
-    "splits",
-    "split_info",
-    "runs",
-    "results",
-    "metrics",
-    "request_metrics",
-    "rejects",
-}
+_TABLES = {*CORE_TABLES, "rejects"}
