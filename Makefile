@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # never pulls a multi-GB CUDA wheel. On a CUDA machine: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# FAISS: the cpu extra here; on a CUDA machine: make install TORCH_SPEC=torch EXTRAS=gpu,dev
+EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-slow lint format bench clean
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

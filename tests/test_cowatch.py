@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from conftest import make_movielens
 
+import twostage.cowatch as cowatch
 from twostage import Engine
 from twostage.config import RelevanceConfig, RerankerConfig, SplitConfig, from_dict
-from twostage.cowatch import co_watched, shared_history, training_folds
+from twostage.cowatch import cached_co_watched, co_watched, co_watched_folds, shared_history, training_folds
 from twostage.errors import ConfigError, NotFoundError
 from twostage.requests import Catalogue
 from twostage.rerank import Reranker
-from twostage.store import Store
+from twostage.store import USER_CUTOFFS, Store
 from twostage.train.examples import reranker_requests
 from twostage.train.lists import training_lists
 
@@ -68,6 +69,121 @@ def test_excluded_users_and_held_out_events_are_not_counted(tmp_path):
     lists = _lists(store, top=5, split="leave-last-out")
     assert all("3" not in v for v in lists.values())
     assert "3" not in lists
+
+
+def _co_watched_sql(store: Store, *, top, split=None, exclude_users=(), min_users, recent_items):
+    """The reference: the all-pairs self-join co_watched ran in DuckDB before it moved to scipy.sparse."""
+    import pyarrow as pa
+
+    cur = store.cursor()
+    cur.register("_excluded", pa.table({"user_id": pa.array(sorted(set(exclude_users)), pa.string())}))
+    rows = cur.execute(
+        f"""
+        WITH cut AS ({USER_CUTOFFS}),
+        ranked AS (
+            SELECT e.user_id, e.item_id,
+                   row_number() OVER (PARTITION BY e.user_id ORDER BY max(e.ts) DESC, e.item_id) AS n
+            FROM events e LEFT JOIN cut c USING (user_id)
+            WHERE (c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq))
+              AND e.user_id NOT IN (SELECT user_id FROM _excluded)
+            GROUP BY e.user_id, e.item_id
+        ),
+        seen AS (SELECT user_id, item_id FROM ranked WHERE n <= {int(recent_items)}),
+        users AS (SELECT item_id, count(*) AS n FROM seen GROUP BY 1),
+        pairs AS (
+            SELECT a.item_id AS a, b.item_id AS b, count(*) AS c
+            FROM seen a JOIN seen b ON a.user_id = b.user_id AND a.item_id <> b.item_id
+            GROUP BY 1, 2
+        ),
+        scored AS (
+            SELECT p.a, p.b, p.c / sqrt(ua.n * ub.n) AS cos
+            FROM pairs p JOIN users ua ON ua.item_id = p.a JOIN users ub ON ub.item_id = p.b
+            WHERE ub.n >= {int(min_users)}
+        )
+        SELECT a, list(b ORDER BY cos DESC, b)[1:{int(top)}] FROM scored GROUP BY a
+        """,
+        [split],
+    ).fetchall()
+    cur.close()
+    return dict(rows)
+
+
+def _random_store(tmp_path: Path, seed: int) -> Store:
+    """Skewed item choice, re-watches and equal timestamps (recent-item ties), ids that sort as strings."""
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(20, 60))
+    weights = 1.0 / np.arange(1, n_items + 1) ** rng.uniform(0.3, 1.2)
+    events = []
+    for u in range(int(rng.integers(30, 80))):
+        picks = rng.choice(n_items, size=int(rng.integers(1, 25)), p=weights / weights.sum())
+        events += [(f"u{u}", f"i{i}", int(rng.integers(0, 15))) for i in picks]
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n" + "".join(f"i{i},Film {i}\n" for i in range(n_items)))
+    log = tmp_path / "events.csv"
+    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    store = Store(tmp_path / "p.duckdb")
+    store.ingest(items, "items")
+    store.ingest(log, "events")
+    store.split(SplitConfig(strategy="leave-last-out", min_events=3), RelevanceConfig())
+    return store
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sparse_counts_equal_the_sql_self_join(tmp_path, seed, monkeypatch):
+    store = _random_store(tmp_path, seed)
+    rng = np.random.default_rng(seed)
+    users = sorted({u for (u,) in store.cursor().execute("SELECT DISTINCT user_id FROM events").fetchall()})
+    monkeypatch.setattr(cowatch, "BLOCK_NONZEROS", 50)  # many blocks, and rows alone in theirs
+    for top, min_users, recent in [(1, 1, 200), (3, 2, 200), (5, 3, 6), (40, 1, 3)]:
+        options = {"top": top, "min_users": min_users, "recent_items": recent}
+        folds = [set(rng.choice(users, size=len(users) // 5, replace=False).tolist())]
+        folds.append(set(rng.choice(sorted(set(users) - folds[0]), size=3, replace=False).tolist()))
+        for split in (None, "leave-last-out"):
+            assert co_watched(store, split=split, **options) == _co_watched_sql(store, split=split, **options)
+            expected = [_co_watched_sql(store, split=split, exclude_users=f, **options) for f in folds]
+            assert [co_watched(store, split=split, exclude_users=f, **options) for f in folds] == expected
+            assert co_watched_folds(store, folds, split=split, **options) == expected
+    store.close()
+
+
+def test_lists_are_stored_per_events_version_and_split(tmp_path, monkeypatch, caplog):
+    store = _random_store(tmp_path, 0)
+    options = {"top": 3, "min_users": 2, "recent_items": 200}
+    counts = tmp_path / "counts"
+    counted = []
+    real = cowatch._count
+    monkeypatch.setattr(
+        cowatch, "_count", lambda seen, folds, **kw: counted.append(folds) or real(seen, folds, **kw)
+    )
+    fold = {"u1", "u2", "u3"}
+    first = cached_co_watched(store, counts, [(), fold], split="leave-last-out", **options)
+    assert first == [
+        _co_watched_sql(store, split="leave-last-out", **options),
+        _co_watched_sql(store, split="leave-last-out", exclude_users=fold, **options),
+    ]
+    assert counted == [2] and len(list(counts.glob("cowatch-*.parquet"))) == 2  # both folds in one pass
+    assert cached_co_watched(store, counts, [sorted(fold)], split="leave-last-out", **options) == first[1:]
+    assert cached_co_watched(store, counts, split="leave-last-out", **options) == first[:1]
+    assert counted == [2]  # read back, not counted again
+    cached_co_watched(store, counts, split=None, **options)
+    cached_co_watched(store, counts, split="leave-last-out", **{**options, "top": 4})
+    assert counted == [2, 0, 0]
+    # new events (or a split made again) are another version: counted again, never a stale read
+    log = tmp_path / "more.csv"
+    log.write_text("user_id,item_id,ts\nu1,i1,99\nu2,i1,99\nu3,i1,99\n")
+    store.ingest(log, "events")
+    again = cached_co_watched(store, counts, split=None, **options)
+    assert counted == [2, 0, 0, 0] and again == [_co_watched_sql(store, **options)]
+    store.split(SplitConfig(strategy="leave-last-out", min_events=3), RelevanceConfig())
+    cached_co_watched(store, counts, split="leave-last-out", **options)
+    assert counted[-1] == 0 and len(counted) == 5
+    # a directory that cannot be written to: counted in memory, the failure only logged
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the directory should be")
+    with caplog.at_level("DEBUG", logger="twostage.cowatch"):
+        assert cached_co_watched(store, blocked, split=None, **options) == again
+    assert "not stored" in caplog.text
+    store.close()
 
 
 def test_cowatched_is_for_stage_two_only():

@@ -96,3 +96,41 @@ def test_every_config_key_is_read_outside_config():
             if not re.search(readers, code):
                 unread.append(f"{section.name}.{key.name}")
     assert unread == []
+
+
+def _requirements() -> tuple[list[str], dict[str, list[str]]]:
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return project["dependencies"], project["optional-dependencies"]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_each_extra_installs_at_most_one_faiss_build():
+    """faiss-cpu and faiss-gpu-* provide the same module: the base must pull neither, and no install the
+    README names (an extra, alone or with dev) may pull two."""
+    from twostage.index import FAISS_BUILDS
+
+    base, extras = _requirements()
+    assert not _names(base) & set(FAISS_BUILDS)
+    assert _names(extras["cpu"]) == {"faiss-cpu"}
+    assert _names(extras["gpu"]) == {"faiss-gpu-cu12"}
+    for name, reqs in extras.items():
+        assert len(_names(reqs) & set(FAISS_BUILDS)) <= 1, name
+    assert not _names(extras["dev"]) & set(FAISS_BUILDS), "dev is combined with cpu or gpu"
+    makefile = (PACKAGE.parent / "Makefile").read_text(encoding="utf-8")
+    assert "EXTRAS ?= cpu,dev" in makefile
+
+
+def test_two_faiss_builds_are_reported(monkeypatch, caplog):
+    import twostage.index as index
+
+    monkeypatch.setattr(index, "faiss_builds", lambda: ["faiss-cpu", "faiss-gpu-cu12"])
+    monkeypatch.setattr(index, "_checked_builds", [])
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        index._faiss()
+    assert "several FAISS builds are installed (faiss-cpu, faiss-gpu-cu12)" in caplog.text
+    assert "pip uninstall -y faiss-cpu faiss-gpu-cu12" in caplog.text

@@ -239,6 +239,26 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ScaleConfig:
+    """Where ``twostage index build`` encodes items and builds the index (``twostage.scale``).
+
+    ``engine = "local"`` encodes in this process; ``"ray"`` encodes through Ray Data on the cluster at
+    ``ray_address`` (unset: ``RAY_ADDRESS`` or a new local cluster; ``"auto"``: the running one) with a pool
+    of ``actors`` encoder actors, each holding one copy of the bi-encoder and ``num_gpus_per_actor`` GPUs
+    (unset: 1 when the cluster has GPUs, else 0), fed ``batch_size`` items per call. The vectors land in
+    embedding shards of at most ``shard_rows`` items, and the index is built from them shard by shard; the
+    result equals the local build's (``pip install 'twostage[scale]'``).
+    """
+
+    engine: str = "local"
+    ray_address: str | None = None
+    actors: int = 2
+    batch_size: int = 1024
+    num_gpus_per_actor: float | None = None
+    shard_rows: int = 500_000
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a project."""
 
@@ -251,6 +271,7 @@ class Config:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (stored with every run)."""
@@ -368,6 +389,7 @@ def _validate(config: Config) -> None:
         "split.by": (config.split.by, ["time", "user"]),
         "reranker.loss": (config.reranker.loss, ["listnet", "lambdaloss", "listmle"]),
         "reranker.negatives": (config.reranker.negatives, ["top", "sampled"]),
+        "scale.engine": (config.scale.engine, ["local", "ray"]),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -402,6 +424,10 @@ def _validate(config: Config) -> None:
     for key in ("cowatched_size", "label_window"):
         if getattr(config.reranker, key) < 1:
             raise ConfigError("must be at least 1", key=f"reranker.{key}")
+    if config.scale.ray_address is not None and not config.scale.ray_address.strip():
+        raise ConfigError(
+            "empty address; leave it unset for a local cluster, or 'auto'", key="scale.ray_address"
+        )
     _validate_ranges(config)
 
 
@@ -434,6 +460,7 @@ _AT_LEAST_ONE = {
     "index": ("depth", "max_k"),
     "eval": ("max_requests", "bootstrap"),
     "serve": ("keep_snapshots", "max_k", "max_query_chars", "max_batch", "max_history"),
+    "scale": ("actors", "batch_size", "shard_rows"),
 }
 _AT_LEAST_ZERO = {
     "split": ("min_events",),
@@ -442,6 +469,7 @@ _AT_LEAST_ZERO = {
     "reranker": ("eval_requests",),
     "serve": ("poll_seconds",),
     "ingest": ("future_seconds",),
+    "scale": ("num_gpus_per_actor",),
 }
 
 
@@ -582,4 +610,12 @@ loss = "listnet"              # or "lambdaloss", "listmle"
 
 [eval]
 ks = [1, 5, 10, 100]
+
+[scale]
+engine = "local"              # or "ray": encode items and build the index on a Ray cluster
+# ray_address = "auto"        # unset: RAY_ADDRESS, else a new local cluster
+actors = 2                    # encoder actors (one model each)
+batch_size = 1024             # items per actor call
+# num_gpus_per_actor = 1      # unset: 1 when the cluster has GPUs, else 0
+shard_rows = 500000           # items per embedding shard
 """

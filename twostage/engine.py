@@ -183,18 +183,21 @@ class Engine:
         from twostage.index import VectorIndex, load_spec
 
         encoder = self.project.retriever()
-        ids, vecs = self.project.item_vectors(encoder)
         spec = load_spec(build or self.config.index.build, dirs=[self.project_dir / "indexes"])
-        index = VectorIndex.build(
-            ids,
-            vecs,
-            spec,
-            model_fingerprint=encoder.fingerprint,
-            text_fingerprint=self.project.text_fingerprint(),
-            provenance=self.project.index_provenance(),
-            use_gpu=self.config.index.use_gpu,
-            progress=self.progress,
-        )
+        built = {
+            "model_fingerprint": encoder.fingerprint,
+            "text_fingerprint": self.project.text_fingerprint(),
+            "provenance": self.project.index_provenance(),
+            "use_gpu": self.config.index.use_gpu,
+            "progress": self.progress,
+        }
+        if self.config.scale.engine == "ray":  # encoded on the cluster, built shard by shard: same index
+            from twostage.scale import build_index_from_shards
+
+            index = build_index_from_shards(self.project.item_shards(encoder), spec, **built)
+        else:
+            ids, vecs = self.project.item_vectors(encoder)
+            index = VectorIndex.build(ids, vecs, spec, **built)
         with self._index_writes:
             self.project.save_index(index, name)
         self._rebuild()

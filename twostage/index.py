@@ -45,6 +45,7 @@ from twostage.errors import (
     InputError,
     MissingDependencyError,
     NotFoundError,
+    TwostageError,
 )
 from twostage.index_spec import BUILTIN_SPECS, IndexSpec, load_spec
 
@@ -71,12 +72,47 @@ def _version() -> str:
         return "0.1.0"
 
 
+FAISS_BUILDS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
+
+
+def faiss_builds() -> list[str]:
+    """The FAISS distributions installed: all provide the module ``faiss``, so more than one means the files of
+    one overwrote the other's (an index may then load one build's Python code over another's library)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    found = []
+    for name in FAISS_BUILDS:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
 def _faiss() -> Any:
     try:
         import faiss
-    except ImportError as e:  # pragma: no cover - faiss-cpu is a core dependency
-        raise MissingDependencyError("gpu", "the FAISS index (pip install faiss-cpu)") from e
+    except ImportError as e:
+        raise TwostageError(
+            "the FAISS index needs one FAISS build: pip install 'twostage[cpu]' (or 'twostage[gpu]' on CUDA)"
+        ) from e
+    if _checked_builds:
+        return faiss
+    _checked_builds.append(True)
+    builds = faiss_builds()
+    if len(builds) > 1:
+        logger.warning(
+            "several FAISS builds are installed (%s) and share the module 'faiss'; keep one: "
+            "pip uninstall -y %s && pip install --force-reinstall %s",
+            ", ".join(builds),
+            " ".join(builds),
+            builds[-1],
+        )
     return faiss
+
+
+_checked_builds: list[bool] = []  # the installed builds are looked up once per process
 
 
 def _metric(faiss: Any, metric: str) -> int:
@@ -235,48 +271,15 @@ class VectorIndex:
             raise InputError("cannot build an index from zero items; ingest items first")
         n, dim = vecs.shape
         gpu = _gpu_wanted(use_gpu)
-        n_train = min(n, spec.train_size)
-        factory = spec.resolve_factory(n_train=n_train, dim=dim)
-        try:
-            base = faiss.index_factory(dim, factory, _metric(faiss, spec.metric))
-        except RuntimeError as e:
-            raise ConfigError(
-                f"FAISS rejects factory {factory!r} for dim {dim}: {str(e).splitlines()[0]}", key="factory"
-            ) from e
-        # IVF keeps arbitrary labels and deletes them correctly; IndexIDMap2 around IVF would not (its
-        # position bookkeeping assumes the sub-index renumbers on removal, which IVF does not).
-        native = isinstance(base, faiss.IndexIVF | faiss.IndexIDMap)  # "IDMap2,..." factories wrap themselves
-        index = base if native else faiss.IndexIDMap2(base)
-        if spec.ef_construction is not None:
-            hnsw = _find(index, "hnsw")
-            if hnsw is None:
-                raise ConfigError(f"ef_construction applies to HNSW, not {factory!r}", key="ef_construction")
-            hnsw.efConstruction = spec.ef_construction
+        index, factory = _empty_index(spec, n=n, dim=dim)
         work = (_to_gpu(index) if gpu else None) or index
         if not work.is_trained:
-            sample = vecs
-            if n > n_train:
-                rows = np.sort(np.random.default_rng(spec.seed).choice(n, n_train, replace=False))
-                sample = vecs[rows]
-            logger.info("training %s on %d of %d vectors", factory, len(sample), n)
-            try:
-                work.train(sample)
-            except RuntimeError as e:
-                raise ConfigError(
-                    f"training {factory!r} on {len(sample)} vectors failed ({str(e).splitlines()[0]}); "
-                    "use a smaller nlist/PQ or the 'flat' or 'hnsw' config for a collection this small",
-                    key="factory",
-                ) from e
+            rows = _training_rows(spec, n)
+            _train(work, vecs if rows is None else vecs[rows], factory, n)
         _add(work, vecs, np.arange(n, dtype=np.int64), progress=progress)
         if work is not index:
             index = faiss.index_gpu_to_cpu(work)
-        meta = {
-            "model_fingerprint": model_fingerprint,
-            "text_fingerprint": text_fingerprint,
-            "provenance": dict(provenance or {}),
-            "resolved_factory": factory,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
+        meta = _build_meta(factory, model_fingerprint, text_fingerprint, provenance)
         out = cls(index, list(ids), vecs, spec, meta, use_gpu=gpu)
         logger.info("built %s index of %d items (dim %d, gpu=%s)", factory, n, dim, gpu)
         return out
@@ -638,6 +641,66 @@ class VectorIndex:
         if self._gpu_index is None:
             self._gpu_index = _to_gpu(self._index) or self._index
         return self._gpu_index
+
+
+def _empty_index(spec: IndexSpec, *, n: int, dim: int) -> tuple[faiss.Index, str]:
+    """The untrained CPU index ``spec`` asks for, for ``n`` vectors of ``dim``, and its resolved factory.
+
+    Shared by :meth:`VectorIndex.build` and the shard-by-shard build of :mod:`twostage.scale`.
+    """
+    faiss = _faiss()
+    factory = spec.resolve_factory(n_train=min(n, spec.train_size), dim=dim)
+    try:
+        base = faiss.index_factory(dim, factory, _metric(faiss, spec.metric))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"FAISS rejects factory {factory!r} for dim {dim}: {str(e).splitlines()[0]}", key="factory"
+        ) from e
+    # IVF keeps arbitrary labels and deletes them correctly; IndexIDMap2 around IVF would not (its
+    # position bookkeeping assumes the sub-index renumbers on removal, which IVF does not).
+    native = isinstance(base, faiss.IndexIVF | faiss.IndexIDMap)  # "IDMap2,..." factories wrap themselves
+    index = base if native else faiss.IndexIDMap2(base)
+    if spec.ef_construction is not None:
+        hnsw = _find(index, "hnsw")
+        if hnsw is None:
+            raise ConfigError(f"ef_construction applies to HNSW, not {factory!r}", key="ef_construction")
+        hnsw.efConstruction = spec.ef_construction
+    return index, factory
+
+
+def _training_rows(spec: IndexSpec, n: int) -> np.ndarray | None:
+    """The sorted rows (of ``n``) that train a quantizer: a seeded sample of ``spec.train_size``, or None
+    for all rows. A build from shards draws the same rows, so it trains the same quantizer."""
+    if n <= spec.train_size:
+        return None
+    return np.sort(np.random.default_rng(spec.seed).choice(n, spec.train_size, replace=False))
+
+
+def _train(index: faiss.Index, sample: np.ndarray, factory: str, n: int) -> None:
+    logger.info("training %s on %d of %d vectors", factory, len(sample), n)
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"training {factory!r} on {len(sample)} vectors failed ({str(e).splitlines()[0]}); "
+            "use a smaller nlist/PQ or the 'flat' or 'hnsw' config for a collection this small",
+            key="factory",
+        ) from e
+
+
+def _build_meta(
+    factory: str,
+    model_fingerprint: str,
+    text_fingerprint: str | None,
+    provenance: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    return {
+        "model_fingerprint": model_fingerprint,
+        "text_fingerprint": text_fingerprint,
+        "provenance": dict(provenance or {}),
+        "resolved_factory": factory,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _add(index: faiss.Index, vecs: np.ndarray, rows: np.ndarray, *, progress: bool) -> None:

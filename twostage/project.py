@@ -1,7 +1,8 @@
 """A project on disk and what is loaded from it, each thing once.
 
 A project is a directory: ``twostage.toml`` (config), ``twostage.duckdb`` (store), ``models/`` (fine-tuned
-models), ``indexes/`` (FAISS artifacts) and ``cache/`` (item embeddings). :class:`Project` knows the layout,
+models), ``indexes/`` (FAISS artifacts), ``cache/`` (item embeddings) and ``counts/`` (co-watch lists, keyed
+by what they are counted from). :class:`Project` knows the layout,
 loads the catalogue, models, index and log counts, and assembles them into pipelines.
 
 Loaded values are memoised by what they are read from (items, events, splits, models, the reranker's tuning
@@ -17,13 +18,13 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twostage.atomic import clean_leftovers, replace_dir
 from twostage.config import plain_name
-from twostage.cowatch import FIELD, co_watched
+from twostage.cowatch import FIELD, cached_co_watched
 from twostage.errors import IndexMismatchError, NotFoundError
 from twostage.pipeline import LogCounts, Pipeline, Settings
 from twostage.requests import Catalogue
@@ -56,7 +57,7 @@ _READS = {
 }
 SOURCES = frozenset().union(*_READS.values())
 # directories whose hidden entries are our temporary artifacts (cleaned when the write lock is taken)
-ARTIFACT_DIRS = ("indexes", "models", "snapshots")
+ARTIFACT_DIRS = ("indexes", "models", "snapshots", "counts")
 
 
 class _Memo:
@@ -215,6 +216,24 @@ class Project:
         vecs = encode_cached(encoder, [catalogue.text(i) for i in ids], cache, progress=self.progress)
         return ids, vecs
 
+    def item_shards(self, encoder: BiEncoder) -> Path:
+        """``[scale] engine = "ray"``: every catalogue item encoded on the Ray cluster (the model loaded from
+        ``encoder``'s path) into embedding shards under ``cache/shards``; the embedding cache is not used."""
+        from twostage.scale import encode_items_ray
+
+        catalogue, cfg = self.catalogue(), self.config.retriever
+        target = self.root / "cache" / "shards"
+        encode_items_ray(
+            encoder.name_or_path,
+            [(i, catalogue.text(i)) for i in catalogue.item_ids],
+            target,
+            self.config.scale,
+            max_seq_length=encoder.max_seq_length,
+            encode_batch_size=cfg.batch_size,
+            model_fingerprint=encoder.fingerprint,
+        )
+        return target
+
     # ------------------------------------------------------------------ models and index
     def retriever(self, *, base: bool = False) -> BiEncoder:
         """The bi-encoder: the project's fine-tuned one when it exists (unless ``base``), else the configured model."""
@@ -349,20 +368,28 @@ class Project:
         self, split: str | None = None, *, exclude_users: Iterable[str] = ()
     ) -> dict[str, list[str]]:
         """Each item's ``[reranker] cowatched_size`` most co-watched items, counted from the events before
-        ``split``'s cut-offs (all events when None), leaving out ``exclude_users`` (training folds; not kept)."""
-        cfg, exclude = self.config.reranker, frozenset(exclude_users)
+        ``split``'s cut-offs (all events when None), leaving out ``exclude_users`` (training folds; not kept in
+        memory). Stored in ``counts/`` and read back by later processes while the events and split are unchanged."""
+        exclude = frozenset(exclude_users)
+        if exclude:
+            return self.cowatch_fold_lists(split, [exclude])[0]
+        return self._memo.get(("cowatch", split), lambda: self.cowatch_fold_lists(split, [()])[0])
 
-        def count() -> dict[str, list[str]]:
-            return co_watched(
-                self.store,
-                top=cfg.cowatched_size,
-                split=split,
-                exclude_users=exclude,
-                min_users=cfg.cowatch_min_users,
-                recent_items=cfg.cowatch_recent_items,
-            )
-
-        return count() if exclude else self._memo.get(("cowatch", split), count)
+    def cowatch_fold_lists(
+        self, split: str | None, folds: Sequence[Iterable[str]]
+    ) -> list[dict[str, list[str]]]:
+        """:meth:`cowatch_lists` without each of the disjoint user sets ``folds``: those not stored yet are
+        counted together in one pass over the events (reranker training's folds) and stored."""
+        cfg = self.config.reranker
+        return cached_co_watched(
+            self.store,
+            self.root / "counts",
+            folds,
+            top=cfg.cowatched_size,
+            split=split,
+            min_users=cfg.cowatch_min_users,
+            recent_items=cfg.cowatch_recent_items,
+        )
 
     def rerank_texts(self, split: str | None = None, *, exclude_users: Iterable[str] = ()) -> dict[str, str]:
         """The item texts stage 2 reads (``[reranker] item_template``); with ``{cowatched}`` the lists are those

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tools" / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-KNOWN = ("quality_scifact", "quality_movielens", "ingest_eval", "encode", "ann", "latency", "serve")
+KNOWN = ("quality_scifact", "quality_movielens", "ingest_eval", "encode", "ann", "latency", "serve", "scale")
 QUALITY_RUNS = {  # bench_quality.py keys, in the order the story is told
     "eval": "",
     "zero_shot_eval": "zero-shot bi-encoder",
@@ -363,6 +363,54 @@ def render_serve(data: dict[str, Any]) -> list[str]:
     return lines + (["", *notes] if notes else [])
 
 
+def render_scale(data: dict[str, Any]) -> list[str]:
+    """Each step's cost at S, M, L (bench_scale.py): seconds and peak RSS per size, growth per 10× data."""
+    sizes = data.get("sizes") or {}
+    names = list(sizes)
+    counts = ", ".join(f"{n} = {sizes[n]['items']:,} items / {sizes[n]['events']:,} events" for n in names)
+    lines = [
+        f"**Scale** (`tools/bench/bench_scale.py`, synthetic MovieLens-shaped logs: {counts}; a tiny random "
+        f"2-layer BERT for both stages, so the model is not the subject; each step in its own process, "
+        f"seconds without the process start, peak RSS of that process), {str(data.get('when', ''))[:10]}",
+        "",
+    ]
+    growth = data.get("growth") or {}
+    pairs = list(growth)
+    header = [
+        "step",
+        *[f"{n} s" for n in names],
+        *[f"{n} peak GB" for n in names],
+        *[f"× {p}" for p in pairs],
+    ]
+    body = []
+    for step in data.get("steps", []):
+        cells = [step + (" (model)" if step == "encode" else "")]
+        for n in names:
+            x = sizes[n]["steps"].get(step, {})
+            cells.append(_secs(x["seconds"]) if "seconds" in x else ("failed" if "error" in x else "–"))
+        for n in names:
+            x = sizes[n]["steps"].get(step, {})
+            cells.append(f"{x['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in x else "–")
+        cells += [f"{growth[p][step]:.1f}" if step in growth[p] else "–" for p in pairs]
+        body.append(cells)
+        if step == "recommend":
+            for stage in ("recall", "rerank"):
+                row = [f"recommend warm p50 ({stage})"]
+                for n in names:
+                    x = sizes[n]["steps"].get(step, {}).get(stage)
+                    row.append(f"{x['p50'] * 1000:.1f} ms" if x else "–")
+                row += ["" for _ in names]
+                row += [
+                    f"{growth[p][f'recommend_{stage}_p50']:.2f}"
+                    if f"recommend_{stage}_p50" in growth[p]
+                    else "–"
+                    for p in pairs
+                ]
+                body.append(row)
+    lines += _table(header, body)
+    return lines
+
+
 def render(results: dict[str, dict]) -> str:
     """The whole Results section (without the markers) for whichever benchmark results are present."""
     if not results:
@@ -385,6 +433,8 @@ def render(results: dict[str, dict]) -> str:
         lines += ([""] if perf else []) + render_ann(results["ann"])
     if "serve" in results:
         lines += ["", *render_serve(results["serve"])]
+    if "scale" in results:
+        lines += ["", *render_scale(results["scale"])]
     return "\n".join(lines)
 
 
