@@ -369,3 +369,57 @@ def test_a_store_held_by_another_process_is_named_with_its_pid(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+def _scanned(store: Store, users, cutoffs=None) -> dict[str, list[str]]:
+    """Histories read from every event (the path a store without a current histories table takes)."""
+    store._histories_current = False
+    try:
+        return store.histories(users, cutoffs=cutoffs)
+    finally:
+        store._histories_current = None
+
+
+def test_histories_table_follows_ingest_sql_and_cutoffs(store, tmp_path):
+    """The per-user histories table gives what a scan of the events gives, after an ingest (only the users
+    with new events rebuilt), an `sql --write` change, at cut-offs, for one user and for many."""
+    users = ["u1", "u2", "u3", "nobody"]
+    assert store.histories(["u1"]) == {"u1": ["3", "2", "1"]}  # the one-user key lookup
+    assert store.histories(users) == _scanned(store, users)
+    store.ingest(
+        write(tmp_path, "more.csv", "user,item,ts\nu2,1,300\nu3,2,50\n"), "events", mapping=CLICK_MAP
+    )
+    assert store.histories(["u2"]) == {"u2": ["1", "2", "3", "1"]}
+    assert store.histories(users) == _scanned(store, users)
+    assert store.con.execute("SELECT count(*) FROM histories").fetchone()[0] == 3
+    # a cut-off is strict on (ts, seq): u2's event at 260 and everything after are left out
+    ts, seq = store.con.execute(
+        "SELECT ts, seq FROM events WHERE user_id = 'u2' AND item_id = '2'"
+    ).fetchone()
+    cut = {"u2": (ts, seq), "u1": (ts, seq)}
+    assert store.histories(["u2"], cutoffs=cut) == {"u2": ["3", "1"]}
+    assert store.histories(users, cutoffs=cut) == _scanned(store, users, cut) != store.histories(users)
+    assert store.histories(["u1", "u2"], limit=1) == {"u1": ["3"], "u2": ["1"]}
+    store.sql("DELETE FROM events WHERE user_id = 'u1' AND item_id = '3'", write=True)
+    assert store.histories(["u1"]) == {"u1": ["2", "1"]} == _scanned(store, ["u1"])
+
+
+def test_a_store_from_before_the_histories_table_gets_it_on_open(store, tmp_path):
+    path = store.path
+    store.con.execute("DROP TABLE histories")
+    store.con.execute("DROP TABLE derived_from")
+    store.close()
+    with Store(path, read_only=True) as old:  # read-only: no table to use, the events are scanned
+        assert old.histories(["u1", "u2"]) == {"u1": ["3", "2", "1"], "u2": ["2", "3", "1"]}
+    with Store(path) as opened:
+        assert opened.con.execute("SELECT count(*) FROM histories").fetchone()[0] == 2
+        assert opened.histories(["u2"]) == {"u2": ["2", "3", "1"]}
+
+
+def test_a_dropped_histories_table_is_built_again(store):
+    store.sql("DROP TABLE histories", write=True)  # not a core table: derived from the events
+    path = store.path
+    store.close()
+    with Store(path) as opened:
+        assert opened.histories(["u1"]) == {"u1": ["3", "2", "1"]}
+        assert opened.con.execute("SELECT count(*) FROM histories").fetchone()[0] == 2

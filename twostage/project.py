@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -391,12 +391,14 @@ class Project:
             recent_items=cfg.cowatch_recent_items,
         )
 
-    def rerank_texts(self, split: str | None = None, *, exclude_users: Iterable[str] = ()) -> dict[str, str]:
+    def rerank_texts(
+        self, split: str | None = None, *, exclude_users: Iterable[str] = ()
+    ) -> Mapping[str, str]:
         """The item texts stage 2 reads (``[reranker] item_template``); with ``{cowatched}`` the lists are those
         of :meth:`cowatch_lists` for ``split`` and ``exclude_users``."""
         exclude, cowatched = frozenset(exclude_users), self.reads_cowatched()
 
-        def render() -> dict[str, str]:
+        def render() -> Mapping[str, str]:
             lists = self.cowatch_lists(split, exclude_users=exclude) if cowatched else None
             return self.catalogue().texts_with(self._rerank_template(), lists)
 

@@ -6,7 +6,7 @@ render items and users the same way, and a held-out item can never leak into a u
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +29,43 @@ class Request:
     history: tuple[str, ...] = ()
 
 
+class ItemTexts(Mapping[str, str]):
+    """Every catalogue item's text through one template, each rendered the first time it is read and kept.
+
+    Rendering a whole catalogue up front cost every process 22 µs and 2 KB per item (22 s and 1.9 GB at 1M
+    items) before its first answer, though ranking reads only the candidates' and the history's texts;
+    building an index still reads them all.
+    """
+
+    def __init__(self, records: Mapping[str, Mapping[str, Any]], render: Callable[[Mapping[str, Any]], str]):
+        self._records = records
+        self._render = render
+        self._done: dict[str, str] = {}
+
+    def __getitem__(self, item_id: str) -> str:
+        text = self._done.get(item_id)
+        if text is None:  # two threads may render the same item: same text, one kept
+            text = self._done[item_id] = self._render(self._records[item_id])
+        return text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._records
+
+
 class Catalogue:
-    """All items with their rendered texts, loaded once from the store."""
+    """All items, loaded once from the store, and their texts (rendered as they are read)."""
 
     def __init__(self, items: Sequence[Mapping[str, Any]], template: str):
         self.records = {str(i["item_id"]): i for i in items}
         self.item_ids = list(self.records)
         self.template = template
-        self.texts = {item_id: render_item(rec, template) for item_id, rec in self.records.items()}
+        self.texts = ItemTexts(self.records, lambda rec: render_item(rec, template))
 
     @classmethod
     def from_store(cls, store: Store, template: str) -> Catalogue:
@@ -72,19 +101,20 @@ class Catalogue:
 
     def texts_with(
         self, template: str, cowatched: Mapping[str, Sequence[str]] | None = None
-    ) -> dict[str, str]:
+    ) -> Mapping[str, str]:
         """Every item rendered with another template (stage 2's); ``{cowatched}`` filled from ``cowatched``
         (item id → co-watched item ids, rendered as their titles)."""
         if template == self.template and cowatched is None:
             return self.texts
         lists = cowatched or {}
-        return {
-            item_id: render_item(
-                {**rec, FIELD: SEPARATOR.join(self.title(i) for i in lists.get(item_id, ()) if i in self)},
-                template,
+
+        def render(rec: Mapping[str, Any]) -> str:
+            watched = lists.get(str(rec["item_id"]), ())
+            return render_item(
+                {**rec, FIELD: SEPARATOR.join(self.title(i) for i in watched if i in self)}, template
             )
-            for item_id, rec in self.records.items()
-        }
+
+        return ItemTexts(self.records, render)
 
     def categories(self) -> dict[str, set[str]]:
         return {i: set(r.get("categories") or []) for i, r in self.records.items()}
