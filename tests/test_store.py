@@ -423,3 +423,14 @@ def test_a_dropped_histories_table_is_built_again(store):
     with Store(path) as opened:
         assert opened.histories(["u1"]) == {"u1": ["3", "2", "1"]}
         assert opened.con.execute("SELECT count(*) FROM histories").fetchone()[0] == 2
+
+
+def test_targets_and_cutoffs_of_the_requests_asked_only(store):
+    store.split(SplitConfig(min_events=3), RelevanceConfig())
+    every = store.targets("leave-last-out", "test")
+    assert sorted(every) == ["u1", "u2"]
+    assert store.targets("leave-last-out", "test", limit=1) == {"u1": every["u1"]}
+    both = store.cutoffs("leave-last-out", "test")
+    assert store.cutoffs("leave-last-out", "test", ["u2"]) == {"u2": both["u2"]}
+    assert store.cutoffs("leave-last-out", "test", []) == {}
+    assert store.user_count() == 2

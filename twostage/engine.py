@@ -320,7 +320,7 @@ class Engine:
     def _history(self, user_id: str, split: str | None, part: str) -> list[str]:
         cutoffs = None
         if split is not None:
-            cutoffs = self.store.cutoffs(split, part)
+            cutoffs = self.store.cutoffs(split, part, [user_id])
             if user_id not in cutoffs:
                 raise NotFoundError(f"user '{user_id}' has no '{part}' target in split '{split}'")
         history = self.store.histories([user_id], cutoffs=cutoffs)[user_id]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +159,7 @@ def _baseline(
     store: Store, pipe: Pipeline, kind: str, split: str, requests: list[Request], depth: int
 ) -> tuple[str, Lists, float]:
     if kind == "user":
-        popularity = store.popularity(split)
+        popularity = _popularity(store, pipe, split)
         exclude = {r.request_id: r.exclude for r in requests}
         return (
             "popularity",
@@ -174,6 +174,12 @@ def _baseline(
     return ("bm25", *_timed(bm25))
 
 
+def _popularity(store: Store, pipe: Pipeline, split: str) -> Mapping[str, float]:
+    """Users per item before the split's cut-offs: the pipeline's own counts when it has them (one count of
+    the events per evaluation, not one per use)."""
+    return pipe.counts.popularity or store.popularity(split)
+
+
 def _beyond_fn(
     store: Store, pipe: Pipeline, kind: str, split: str, part: str
 ) -> Callable[[list[list[str]]], dict[str, float]]:
@@ -181,9 +187,8 @@ def _beyond_fn(
     catalogue = pipe.catalogue
     categories = catalogue.categories()
     has_categories = any(categories.values())
-    popularity = store.popularity(split) if kind == "user" else None
-    n_users = len(store.targets(split, part)) if kind == "user" else 0
-    n_users = max(n_users, store.stats()["users"])
+    popularity = _popularity(store, pipe, split) if kind == "user" else None
+    n_users = store.user_count()  # every held-out user has events
 
     def beyond(lists: list[list[str]]) -> dict[str, float]:
         return beyond_accuracy(

@@ -143,7 +143,7 @@ def split_requests(
     where users re-consume items, or a repeated target could never be hit). Queries get their text.
     """
     kind = store.require_split(split)
-    targets = store.targets(split, part)
+    targets = store.targets(split, part, limit=max_requests)
     if not targets:
         parts = sorted(
             {
@@ -155,8 +155,6 @@ def split_requests(
         )
         raise NotFoundError(f"split '{split}' has no part '{part}' (parts: {', '.join(parts)})")
     ids = sorted(targets)
-    if max_requests is not None:
-        ids = ids[:max_requests]
     if kind == "query":
         texts = store.query_texts(ids)
         missing = [q for q in ids if q not in texts]
@@ -165,7 +163,7 @@ def split_requests(
                 f"{len(missing)} judged queries have no text (e.g. '{missing[0]}'); ingest queries"
             )
         return [Request(q, texts[q]) for q in ids]
-    histories = store.histories(ids, cutoffs=store.cutoffs(split, part))
+    histories = store.histories(ids, cutoffs=store.cutoffs(split, part, ids))
     return [
         Request(
             u,

@@ -342,7 +342,7 @@ class Store:
         out: dict[str, Any] = {
             t: self.count(t) for t in ("items", "events", "queries", "judgments", "rejects")
         }
-        out["users"] = self._rows("SELECT count(DISTINCT user_id) FROM events")[0][0]
+        out["users"] = self.user_count()
         out["event_types"] = dict(self._rows("SELECT event, count(*) FROM events GROUP BY 1 ORDER BY 1"))
         span = self._rows("SELECT min(ts), max(ts) FROM events")[0]
         out["time_span"] = [str(s) if s else None for s in span]
@@ -487,22 +487,34 @@ class Store:
             for r in rows
         ]
 
-    def targets(self, split: str, part: str) -> dict[str, dict[str, float]]:
-        """Held-out relevance per request: ``{request_id: {item_id: grade}}``."""
+    def targets(self, split: str, part: str, *, limit: int | None = None) -> dict[str, dict[str, float]]:
+        """Held-out relevance per request: ``{request_id: {item_id: grade}}``; with ``limit``, of the first
+        ``limit`` requests by id only (what an evaluation of that many reads)."""
         rows = self._rows(
-            "SELECT request_id, item_id, max(relevance) FROM splits WHERE split = ? AND part = ? GROUP BY 1, 2",
-            [split, part],
+            """
+            WITH asked AS (
+                SELECT DISTINCT request_id FROM splits WHERE split = ? AND part = ? ORDER BY 1 LIMIT ?)
+            SELECT request_id, item_id, max(relevance) FROM splits JOIN asked USING (request_id)
+            WHERE split = ? AND part = ? GROUP BY 1, 2
+            """,
+            [split, part, limit, split, part],
         )
         out: dict[str, dict[str, float]] = {}
         for request_id, item_id, rel in rows:
             out.setdefault(request_id, {})[item_id] = rel
         return out
 
-    def cutoffs(self, split: str, part: str) -> dict[str, tuple[Any, int]]:
-        """Per user: the (ts, seq) before which their history may be used for this part."""
+    def cutoffs(
+        self, split: str, part: str, user_ids: Sequence[str] | None = None
+    ) -> dict[str, tuple[Any, int]]:
+        """Per user (of ``user_ids``, or all): the (ts, seq) before which their history may be used for this part."""
         rows = self._rows(
-            "SELECT request_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)), min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) FROM splits WHERE split = ? AND part = ? GROUP BY 1",
-            [split, part],
+            """
+            SELECT request_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)), min_by(cutoff_seq, (cutoff_ts, cutoff_seq))
+            FROM splits WHERE split = ? AND part = ? AND (? OR request_id IN (SELECT unnest(?::VARCHAR[])))
+            GROUP BY 1
+            """,
+            [split, part, user_ids is None, list(user_ids or [])],
         )
         return {r[0]: (r[1], r[2]) for r in rows}
 
@@ -544,6 +556,13 @@ class Store:
         for user_id, items in rows:
             out[user_id] = items[:limit] if limit else items
         return out
+
+    def user_count(self) -> int:
+        """Users with events (one row each in the histories table, when it is current)."""
+        with self.con.cursor() as cur:
+            if histories_current(cur):
+                return int(cur.execute("SELECT count(*) FROM histories").fetchall()[0][0])
+            return int(cur.execute("SELECT count(DISTINCT user_id) FROM events").fetchall()[0][0])
 
     def export_histories(self, path: str | Path) -> None:
         """Write every user's items, newest first, to a Parquet file (``user_id``, ``history``): what a published
