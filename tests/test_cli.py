@@ -100,3 +100,35 @@ def test_demo_honours_the_group_project_option(tmp_path):
     assert result.exit_code == 1
     assert f"{taken} exists and is not a demo project" in result.output
     assert (taken / "notes.txt").exists()
+
+
+def _beir_folder(root):
+    """A three-document BEIR layout: corpus, queries, train and test qrels."""
+    (root / "qrels").mkdir(parents=True)
+    docs = [("d1", "Heat", "a heist film"), ("d2", "Casino", "a crime drama"), ("d3", "Up", "a balloon")]
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": i, "title": t, "text": b}) + "\n" for i, t, b in docs)
+    )
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in [("q1", "heist"), ("q2", "crime")])
+    )
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td2\t1\n")
+    return root
+
+
+def test_split_of_judgments_without_events_is_the_given_split(tmp_path, caplog):
+    project = tmp_path / "p"
+    assert run("init", str(project)).exit_code == 0
+    assert (
+        run("datasets", "load", "beir", str(_beir_folder(tmp_path / "beir")), project=project).exit_code == 0
+    )
+    result = CliRunner().invoke(cli, ["-p", str(project), "split", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"test": 1, "train": 1}
+    assert "no events but 2 judgments: making the 'given' split" in caplog.text
+    stats = json.loads(run("stats", "--json", project=project).output)
+    assert stats["splits"] == {"given/test": 1, "given/train": 1}
+    # a strategy named on the command line is still obeyed (and says what it needs)
+    refused = run("split", "--strategy", "leave-last-out", project=project)
+    assert refused.exit_code == 1 and "needs events" in refused.output

@@ -153,7 +153,20 @@ class Engine:
         return reports
 
     def split(self, strategy: str | None = None, *, name: str | None = None) -> dict[str, int]:
-        """``twostage split``: train/valid/test (config ``[split]``, or ``strategy`` to override it)."""
+        """``twostage split``: train/valid/test (config ``[split]``, or ``strategy`` to override it). A store
+        with judgments and no events (a search data set, e.g. a BEIR layout) gets the ``given`` split unless a
+        strategy is named: the configured one needs events."""
+        configured = self.config.split.strategy
+        if strategy is None and configured != "given" and not self.store.count("events"):
+            judged = self.store.count("judgments")
+            if judged:
+                logger.warning(
+                    "no events but %d judgments: making the 'given' split (the judgments' own parts) instead of "
+                    "[split] strategy '%s'",
+                    judged,
+                    configured,
+                )
+                strategy = "given"
         config = self.config if strategy is None else self.config.replace({"split.strategy": strategy})
         made = self.store.split(config.split, config.relevance, name=name)
         self.project.changed("splits")  # counts made under the old cut-offs would leak or miss events

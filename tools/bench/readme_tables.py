@@ -394,8 +394,13 @@ def render_scale(data: dict[str, Any]) -> list[str]:
         cells += [f"{growth[p][step]:.1f}" if step in growth[p] else "–" for p in pairs]
         body.append(cells)
         if step == "recommend":
-            for stage in ("recall", "rerank"):
-                row = [f"recommend warm p50 ({stage})"]
+            modes = {
+                "recall": "stage 1",
+                "cowatch": "stage 2: co-watch fused, no cross-encoder",
+                "rerank": "stage 2: tiny cross-encoder on the top 20 + co-watch",
+            }
+            for stage, label in modes.items():
+                row = [f"recommend warm p50 ({label})"]
                 for n in names:
                     x = sizes[n]["steps"].get(step, {}).get(stage)
                     row.append(f"{x['p50'] * 1000:.1f} ms" if x else "–")
