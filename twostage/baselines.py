@@ -43,10 +43,21 @@ class BM25:
         import Stemmer
 
         self.item_ids = list(item_ids)
+        self._row = {item_id: n for n, item_id in enumerate(self.item_ids)}
         self._stemmer = Stemmer.Stemmer("english")
         self._model: bm25s.BM25 = bm25s.BM25(k1=k1, b=b, method="lucene")
         tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stemmer, show_progress=False)
         self._model.index(tokens, show_progress=False)
+
+    def scores(self, text: str, item_ids: Sequence[str]) -> list[float]:
+        """The BM25 score of each of ``item_ids`` for one query text (0 where no term matches)."""
+        import bm25s
+
+        tokens = bm25s.tokenize(
+            [text], stopwords="en", stemmer=self._stemmer, show_progress=False, return_ids=False
+        )
+        every = self._model.get_scores(tokens[0])
+        return [float(every[self._row[i]]) for i in item_ids]
 
     def search(self, texts: Sequence[str], *, k: int) -> list[list[tuple[str, float]]]:
         """Top-k (item_id, score) per query text."""

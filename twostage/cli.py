@@ -462,6 +462,11 @@ def _print_ranking(out: Output, ranking) -> None:
                     click.echo(f"       watched with: {titles}")
                 for t in raised_score(h.explanation.get("terms", [])):
                     click.echo(f"       term: {t['term']} (score drop {t['score_drop']:+.3f})")
+                if channels := h.explanation.get("channels"):
+                    click.echo(
+                        f"       recall channels: dense {channels['dense']:.3f}, bm25 {channels['bm25']:.2f} "
+                        f"(bm25 weight {channels['lexical_weight']:g})"
+                    )
 
     out.result(ranking, human)
 

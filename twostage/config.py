@@ -93,6 +93,12 @@ class RetrieverConfig:
     from ``popularity_grid`` (``tools/bench/bench_quality.py`` does). With β > 0 FAISS is searched
     ``max(popularity_pool_factor × depth, popularity_pool)`` deep and re-sorted, so popular items from below the
     cosine top-depth can come in.
+
+    ``lexical_weight`` α fuses a BM25 channel over the item texts into stage 1 (search: hybrid recall; see
+    :func:`twostage.ranker.fuse_channels`, ``lexical_fusion`` "convex" or "rrf"): the union of both channels'
+    top lists goes on, scored ``(1 − α)·dense + α·BM25`` on min-max normalised scores. Unset, α is chosen on the
+    validation queries from ``lexical_grid`` by ``train reranker`` (before its training lists, so stage 2
+    trains on the candidates it will serve), 0 where BM25 does not help; recommendation splits keep 0.
     """
 
     model: str = "default"
@@ -110,6 +116,9 @@ class RetrieverConfig:
     patience: int = 2
     popularity_weight: float = 0.0
     popularity_grid: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+    lexical_weight: float | None = None
+    lexical_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
+    lexical_fusion: str = "convex"
     popularity_pool: int = 1000
     popularity_pool_factor: int = 10
     seed: int = 0
@@ -390,6 +399,7 @@ def _validate(config: Config) -> None:
         "reranker.loss": (config.reranker.loss, ["listnet", "lambdaloss", "listmle"]),
         "reranker.negatives": (config.reranker.negatives, ["top", "sampled"]),
         "scale.engine": (config.scale.engine, ["local", "ray"]),
+        "retriever.lexical_fusion": (config.retriever.lexical_fusion, ["convex", "rrf"]),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -400,8 +410,12 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"ratios must sum to 1, got {sum(config.split.ratios)}", key="split.ratios")
     if config.reranker.mmr_lambda is not None and not 0.0 <= config.reranker.mmr_lambda <= 1.0:
         raise ConfigError("must be between 0 and 1", key="reranker.mmr_lambda")
-    if config.reranker.fusion_weight is not None and not 0.0 <= config.reranker.fusion_weight <= 1.0:
-        raise ConfigError("must be between 0 and 1", key="reranker.fusion_weight")
+    for key, value in (
+        ("reranker.fusion_weight", config.reranker.fusion_weight),
+        ("retriever.lexical_weight", config.retriever.lexical_weight),
+    ):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError("must be between 0 and 1", key=key)
     if config.reranker.cowatch_weight is not None and not config.reranker.cowatch_weight >= 0.0:
         raise ConfigError("must be >= 0", key="reranker.cowatch_weight")
     for key, value in (("index.depth", config.index.depth), ("reranker.depth", config.reranker.depth)):
@@ -525,6 +539,7 @@ def _validate_grids(config: Config) -> None:
         ("reranker.cowatch_grid", reranker.cowatch_grid, lambda v: v >= 0.0, ">= 0"),
         ("reranker.depth_grid", reranker.depth_grid, lambda v: v >= 1, ">= 1"),
         ("retriever.popularity_grid", retriever.popularity_grid, lambda v: v >= 0.0, ">= 0"),
+        ("retriever.lexical_grid", retriever.lexical_grid, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     )
     for key, values, ok, allowed in grids:
         if not values:
@@ -591,6 +606,8 @@ strategy = "leave-last-out"   # or "ratio", "given"
 [retriever]
 model = "default"             # all-MiniLM-L6-v2 from the offline package; any HF name or local path
 epochs = 1
+# lexical_weight = 0.3        # search: weight of BM25 fused into stage 1 (hybrid recall); unset, chosen on
+                              # the validation queries when the reranker is trained
 
 [index]
 build = "flat"                # a config in indexes/ (flat, hnsw, ivf, ivfpq)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 Lists = list[list[tuple[str, float]]]
 # b − a comparisons reported: stage 2 against stage 1, stage 1 against each baseline
 PAIRS = [("recall", "rerank")] + [
-    (b, "recall") for b in ("popularity", "bm25", "zero-shot", "recall-no-prior")
+    (b, "recall") for b in ("popularity", "bm25", "zero-shot", "recall-no-prior", "recall-dense")
 ]
 
 
@@ -92,6 +92,11 @@ def run_evaluation(
         plain = pipe.with_settings(popularity_weight=0.0)
         lists = _timed(lambda: _ranked(plain, requests, depth, progress, stage="recall"))
         rankings.append(("recall-no-prior", *lists))
+    if pipe.hybrid:  # stage 1 without its BM25 channel, beside BM25 alone (the baseline) and the hybrid
+        dense = pipe.with_settings(lexical_weight=0.0)
+        rankings.append(
+            ("recall-dense", *_timed(lambda: _ranked(dense, requests, depth, progress, stage="recall")))
+        )
     rankings.append(recall)
     if pipe.reranker is not None:  # its time is stage 2's alone: stage 1's lists are remembered
         rankings.append(("rerank", *_timed(lambda: _ranked(pipe, requests, depth, progress))))
@@ -168,7 +173,7 @@ def _baseline(
     catalogue = pipe.catalogue
 
     def bm25() -> Lists:
-        index = BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
+        index = pipe.lexical or BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
         return index.search([r.text for r in requests], k=depth)
 
     return ("bm25", *_timed(bm25))

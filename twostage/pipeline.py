@@ -29,7 +29,7 @@ from twostage.config import IndexConfig, RerankerConfig, RetrieverConfig
 from twostage.cowatch import shared_history
 from twostage.errors import ConfigError, NotFoundError, TwostageError
 from twostage.explain import explain_hits
-from twostage.ranker import Candidate, fuse, mmr
+from twostage.ranker import LEXICAL_FUSIONS, Candidate, fuse, fuse_channels, mmr
 from twostage.requests import Request, user_text
 from twostage.results import Hit, Ranking
 
@@ -47,6 +47,14 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray: ...
 
 
+class LexicalSearch(Protocol):
+    """What the lexical recall channel needs (``twostage.baselines.BM25`` is one): top-k (item, score) lists."""
+
+    def search(self, texts: Sequence[str], *, k: int) -> list[list[tuple[str, float]]]: ...
+
+    def scores(self, text: str, item_ids: Sequence[str]) -> list[float]: ...
+
+
 class PairScorer(Protocol):
     """What stage 2 needs of a cross-encoder (``twostage.rerank.Reranker`` is one): a score per pair."""
 
@@ -57,7 +65,9 @@ class PairScorer(Protocol):
 class Settings:
     """How a pipeline ranks with its models; every value comes from ``twostage.config`` (or tuning).
 
-    ``recall_depth`` candidates come from stage 1 (more when ``k`` asks for more); stage 2 reranks the top
+    ``recall_depth`` candidates come from stage 1 (more when ``k`` asks for more): with ``lexical_weight`` α > 0
+    and a lexical channel, the union of the dense and BM25 top lists fused by ``lexical_fusion`` (see
+    :func:`twostage.ranker.fuse_channels`), else the dense list; stage 2 reranks the top
     ``rerank_depth`` of them with ``(1 − w)·z(cross-encoder) + w·z(stage 1) + c·z(co-watch)``
     (``fusion_weight`` w, ``cowatch_weight`` c); ``popularity_weight`` β adds ``β·ln(1 + users)`` to stage
     1 over a deeper search (see :meth:`Pipeline.rank`); ``mmr_lambda`` λ < 1 diversifies the top ``mmr_depth``.
@@ -68,6 +78,8 @@ class Settings:
     rerank_depth: int = RerankerConfig.depth
     fusion_weight: float = 0.0
     cowatch_weight: float = 0.0
+    lexical_weight: float = 0.0
+    lexical_fusion: str = RetrieverConfig.lexical_fusion
     popularity_weight: float = RetrieverConfig.popularity_weight
     popularity_pool: int = RetrieverConfig.popularity_pool
     popularity_pool_factor: int = RetrieverConfig.popularity_pool_factor
@@ -87,8 +99,14 @@ class Settings:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be at least 1, got {getattr(self, key)}", key=key)
-        if not 0.0 <= self.fusion_weight <= 1.0:
-            raise ConfigError(f"must be between 0 and 1, got {self.fusion_weight}", key="fusion_weight")
+        for key in ("fusion_weight", "lexical_weight"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"must be between 0 and 1, got {getattr(self, key)}", key=key)
+        if self.lexical_fusion not in LEXICAL_FUSIONS:
+            raise ConfigError(
+                f"unknown fusion '{self.lexical_fusion}'; use one of {', '.join(LEXICAL_FUSIONS)}",
+                key="lexical_fusion",
+            )
         for key in ("cowatch_weight", "popularity_weight"):
             if not getattr(self, key) >= 0.0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, key)}", key=key)
@@ -130,6 +148,7 @@ class Pipeline:
     settings: Settings = field(default_factory=Settings)
     reranker: PairScorer | None = None
     counts: LogCounts = field(default_factory=LogCounts)
+    lexical: LexicalSearch | None = None
     version: str = field(default_factory=_new_version)
     # memoized() pipelines remember their stage-1 lists here (shared by their variants)
     recall_memo: dict | None = field(default=None, repr=False)
@@ -166,6 +185,11 @@ class Pipeline:
         if not items:
             raise TwostageError("the history is empty; give at least one item id")
         return self.user_request("session", items)
+
+    @property
+    def hybrid(self) -> bool:
+        """True when stage 1 fuses the lexical channel with the dense one (a channel and a weight above 0)."""
+        return self.lexical is not None and self.settings.lexical_weight > 0.0
 
     @property
     def runs_reranker(self) -> bool:
@@ -284,7 +308,20 @@ class Pipeline:
         )
         search = max(search, depth) if prior else depth
         memo = self.recall_memo
-        key = (depth, search, beta if prior else 0.0, id(popularity), id(self.index), id(self.encoder))
+        lexical = (
+            (self.settings.lexical_weight, self.settings.lexical_fusion, id(self.lexical))
+            if self.hybrid
+            else None
+        )
+        key = (
+            depth,
+            search,
+            beta if prior else 0.0,
+            id(popularity),
+            id(self.index),
+            id(self.encoder),
+            lexical,
+        )
         todo = [r for r in requests if memo is None or (key, r.text, r.exclude) not in memo]
         found = self._search(todo, depth, search, prior, progress) if todo else []
         if memo is None:
@@ -297,18 +334,33 @@ class Pipeline:
     ) -> list[list[tuple[str, float]]]:
         vecs = self.encoder.encode([r.text for r in requests], progress=progress)
         exclude = [r.exclude for r in requests] if any(r.exclude for r in requests) else None
-        if not prior:  # equal scores in item-id order: FAISS's order among ties is its heap's
-            return [
-                sorted(hits, key=lambda x: (-x[1], x[0]))
-                for hits in self.index.search(vecs, depth, exclude=exclude)
+        pool = search if prior else depth
+        found = self.index.search(vecs, pool, exclude=exclude)
+        if self.hybrid:
+            found = [
+                fuse_channels(
+                    dense, lexical, weight=self.settings.lexical_weight, method=self.settings.lexical_fusion
+                )
+                for dense, lexical in zip(found, self._lexical_search(requests, pool), strict=True)
             ]
+        if not prior:  # equal scores in item-id order: FAISS's order among ties is its heap's
+            return [sorted(hits, key=lambda x: (-x[1], x[0]))[:depth] for hits in found]
         beta, popularity = self.settings.popularity_weight, self.counts.popularity
         out = []
-        for hits in self.index.search(vecs, search, exclude=exclude):
+        for hits in found:
             rescored = [(i, s + beta * math.log1p(popularity.get(i, 0.0))) for i, s in hits]
             rescored.sort(key=lambda x: (-x[1], x[0]))
             out.append(rescored[:depth])
         return out
+
+    def _lexical_search(self, requests: Sequence[Request], k: int) -> list[list[tuple[str, float]]]:
+        """The lexical channel's top ``k`` per request, without the request's excluded items."""
+        deepest = k + max((len(r.exclude) for r in requests), default=0)
+        lists = self.lexical.search([r.text for r in requests], k=deepest)  # type: ignore[union-attr]
+        return [
+            [(i, s) for i, s in hits if i not in r.exclude][:k]
+            for r, hits in zip(requests, lists, strict=True)
+        ]
 
     def _rerank(
         self, batch: Sequence[tuple[Request, list[tuple[str, float]]]], progress: bool
@@ -383,7 +435,18 @@ class Pipeline:
         notes = explain_hits(
             self, request, head, use_reranker=self.runs_reranker, cowatch=self.settings.cowatch_weight > 0
         )
-        return {**notes, **explain_hits(self, request, tail, use_reranker=False)}
+        notes = {**notes, **explain_hits(self, request, tail, use_reranker=False)}
+        if self.hybrid and top:  # what each recall channel gave every hit (the fused stage-1 score's parts)
+            ids = [r.item_id for r in top]
+            dense = self.pair_scores([request.text], ids, use_reranker=False)[0]
+            lexical = self.lexical.scores(request.text, ids)  # type: ignore[union-attr]
+            for item_id, d, b in zip(ids, dense, lexical, strict=True):
+                notes.setdefault(item_id, {})["channels"] = {
+                    "dense": float(d),
+                    "bm25": float(b),
+                    "lexical_weight": self.settings.lexical_weight,
+                }
+        return notes
 
     def pair_scores(self, texts: Sequence[str], item_ids: Sequence[str], *, use_reranker: bool) -> np.ndarray:
         """Scores of every (text, item): a texts × items matrix from the cross-encoder (on stage 2's item texts)

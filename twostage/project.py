@@ -34,6 +34,7 @@ from twostage.text import template_fields
 if TYPE_CHECKING:
     import numpy as np
 
+    from twostage.baselines import BM25
     from twostage.config import Config
     from twostage.encoders import BiEncoder
     from twostage.index import VectorIndex
@@ -47,6 +48,7 @@ TRAINING_RECORD = "training.json"
 # what each kind of loaded value is read from; Project.changed(source) drops the kinds read from it
 _READS = {
     "catalogue": {"items"},
+    "lexical": {"items"},
     "rerank_texts": {"items", "events", "splits"},
     "cowatch": {"events", "splits"},
     "popularity": {"events", "splits"},
@@ -198,6 +200,16 @@ class Project:
             return catalogue
 
         return self._memo.get(("catalogue",), load)
+
+    def lexical(self) -> BM25:
+        """BM25 over every item's text (the item template): stage 1's lexical channel for hybrid recall."""
+        from twostage.baselines import BM25
+
+        def build() -> BM25:
+            catalogue = self.catalogue()
+            return BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
+
+        return self._memo.get(("lexical",), build)
 
     def text_fingerprint(self) -> str:
         """What item vectors depend on in ``[text]``: the item template only (user settings do not)."""
@@ -427,10 +439,15 @@ class Project:
             else float(record.get("cowatch_weight") or 0.0)
         )
         retriever = self.config.retriever
+        lexical = retriever.lexical_weight
+        if lexical is None:  # chosen on validation when the reranker was trained (its record), else none
+            lexical = float((record or self.reranker_record()).get("lexical_weight") or 0.0)
         return Settings(
             recall_depth=self.config.index.depth,
             rerank_depth=depth,
             fusion_weight=fusion,
+            lexical_weight=lexical,
+            lexical_fusion=retriever.lexical_fusion,
             cowatch_weight=cowatch if with_reranker else 0.0,
             popularity_weight=retriever.popularity_weight,
             popularity_pool=retriever.popularity_pool,
@@ -449,13 +466,15 @@ class Project:
                 "[reranker] cowatch_weight is set but there is no reranker: co-watch scores are fused in "
                 "stage 2, which needs a trained reranker (twostage train reranker)"
             )
+        settings = self.settings(with_reranker=reranker is not None)
         pipe = Pipeline(
             encoder=self.retriever(),
             index=self.index(),
             catalogue=self.catalogue(),
             text=self.config.text,
-            settings=self.settings(with_reranker=reranker is not None),
+            settings=settings,
             reranker=reranker,
+            lexical=self.lexical() if settings.lexical_weight > 0 else None,
         )
         return self.counted(pipe, split, all_counts=all_counts)
 

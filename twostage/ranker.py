@@ -177,3 +177,47 @@ def mmr(candidate_vecs: np.ndarray, relevance: np.ndarray, *, k: int, lam: float
         available[best] = False
         max_sim = np.maximum(max_sim, unit @ unit[best])
     return selected
+
+
+LEXICAL_FUSIONS = ("convex", "rrf")
+RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al. 2009), as ranx and Vespa use
+
+
+def fuse_channels(
+    dense: Sequence[tuple[str, float]],
+    lexical: Sequence[tuple[str, float]],
+    *,
+    weight: float,
+    method: str = "convex",
+) -> list[tuple[str, float]]:
+    """Stage 1's hybrid list: the union of the dense and lexical candidates, best first (ties by item id).
+
+    ``convex``: ``(1 − weight)·dense + weight·lexical`` with each channel's scores min-max normalised over its
+    own list and 0 where a channel did not return the item (so it counts as that channel's worst).
+    ``rrf``: ``(1 − weight)/(60 + dense rank) + weight/(60 + lexical rank)``, nothing where absent. Written
+    here rather than taken from ranx: it runs per request on the serving path, on two short lists.
+
+    >>> dense, lexical = [("a", 0.9), ("b", 0.7), ("d", 0.5)], [("b", 10.0), ("c", 8.0), ("e", 2.0)]
+    >>> fuse_channels(dense, lexical, weight=0.5)
+    [('b', 0.75), ('a', 0.5), ('c', 0.375), ('d', 0.0), ('e', 0.0)]
+    """
+    if method not in LEXICAL_FUSIONS:
+        raise ConfigError(
+            f"unknown fusion '{method}'; use one of {', '.join(LEXICAL_FUSIONS)}", key="lexical_fusion"
+        )
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"must be between 0 and 1, got {weight}", key="lexical_weight")
+    fused: dict[str, float] = {}
+    for hits, w in ((dense, 1.0 - weight), (lexical, weight)):
+        if not hits:
+            continue
+        if method == "rrf":
+            parts = {item: w / (RRF_K + n) for n, (item, _) in enumerate(hits, start=1)}
+        else:
+            scores = np.array([s for _, s in hits], dtype=np.float64)
+            low, span = scores.min(), scores.max() - scores.min()
+            normed = (scores - low) / span if span > 0 else np.ones_like(scores)
+            parts = {item: w * float(x) for (item, _), x in zip(hits, normed, strict=True)}
+        for item, part in parts.items():
+            fused[item] = fused.get(item, 0.0) + part
+    return sorted(fused.items(), key=lambda x: (-round(x[1], 12), x[0]))

@@ -275,14 +275,21 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
         cowatched={i: tuple(v) for i, v in _read_map(root / "cowatched.parquet", "cowatched").items()},
         rerank_texts=rerank_texts,
     )
+    served = Settings(**settings["settings"])
+    lexical = None
+    if served.lexical_weight > 0:  # hybrid recall: BM25 indexed from the snapshot's own item texts
+        from twostage.baselines import BM25
+
+        lexical = BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
     pipeline = Pipeline(
         encoder=encoder,
         index=index,
         catalogue=catalogue,
         text=TextConfig(**settings["text"]),
-        settings=Settings(**settings["settings"]),
+        settings=served,
         reranker=reranker,
         counts=counts,
+        lexical=lexical,
         version=snapshot_id,
     )
     table = pq.read_table(root / "histories.parquet").to_pydict()

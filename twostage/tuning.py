@@ -1,5 +1,5 @@
 """Choosing serving settings on validation requests: stage 2's fusion and co-watch weights and rerank depth,
-and stage 1's popularity prior.
+and stage 1's popularity prior and hybrid (BM25) weight.
 
 Every setting is scored by ranking the validation requests with :meth:`Pipeline.rank`, the very call that
 serves them, on a :meth:`Pipeline.memoized` pipeline: the first setting runs the models, every other one only
@@ -111,3 +111,29 @@ def choose_popularity_weight(
         sweep[beta] = mean_metric([r.item_ids() for r in ranked], list(judged), "recall", k)
     best = max(sweep, key=lambda b: (sweep[b], -b))
     return {"best": best, f"valid_recall@{k}": sweep}
+
+
+def choose_lexical_weight(
+    pipe: Pipeline,
+    lexical: Any,
+    requests: Sequence[Request],
+    judged: Sequence[Judged],
+    cfg: RetrieverConfig,
+) -> dict[str, Any]:
+    """Hybrid recall's BM25 weight α: the value of ``lexical_grid`` (0 always tried) whose stage-1 ranking has
+    the highest validation nDCG@10, ties to the smaller α, so BM25 is fused only where validation says it
+    helps (on BEIR it helps some corpora and hurts others). ``lexical`` is the BM25 channel."""
+    memo = pipe.replace(reranker=None, lexical=lexical).memoized()
+    sweep = {}
+    for alpha in sorted({0.0, *cfg.lexical_grid}):
+        variant = memo.with_settings(lexical_weight=alpha, lexical_fusion=cfg.lexical_fusion, mmr_lambda=None)
+        ranked = variant.rank(requests, 10, stage="recall")
+        sweep[alpha] = mean_metric([r.item_ids() for r in ranked], list(judged), "ndcg", 10)
+    best = max(sweep, key=lambda a: (sweep[a], -a))
+    logger.info(
+        "hybrid recall: BM25 weight %.2f (validation nDCG@10 %.4f; %.4f without BM25)",
+        best,
+        sweep[best],
+        sweep[0.0],
+    )
+    return {"lexical_weight": best, "lexical_sweep": sweep}

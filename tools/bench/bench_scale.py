@@ -111,7 +111,8 @@ def generate(root: Path, n_items: int, n_events: int, seed: int = 0) -> Path:
     items = order[rng.choice(n_items, n_events, p=weights)]
     users = np.sort(rng.integers(1, n_users + 1, n_events))
     start = rng.integers(1_400_000_000, 1_600_000_000, n_users + 1)[users]
-    ts = start + np.arange(n_events) * 60  # increasing within each user (users are sorted)
+    nth = np.arange(n_events) - np.searchsorted(users, users)  # each event's place in its user's log
+    ts = start + nth * 60  # a minute apart within each user (users are sorted)
     ratings = pa.table(
         {
             "userId": users,

@@ -79,6 +79,10 @@ def fit_reranker(project: Project, split: str) -> RerankerTrainingResult:
     config, store = project.config, project.store
     cfg = config.reranker
     pipe = project.pipeline(split, all_counts=True)  # the split's stage-2 texts, also before a first reranker
+    val = validation_set(store, pipe.catalogue, config, split=split, max_requests=cfg.eval_requests)
+    # stage 1 as it will serve (hybrid or not) first: stage 2 trains and is tuned on the candidates it will see
+    stage1 = _choose_stage1(project, pipe, val, split)
+    pipe = _with_stage1(project, pipe, stage1)
     labelled = reranker_requests(
         store, pipe.catalogue, config, split=split, max_requests=cfg.max_train_requests, seed=cfg.seed
     )
@@ -97,7 +101,6 @@ def fit_reranker(project: Project, split: str) -> RerankerTrainingResult:
             f"stage 1 retrieves no training positive within depth {max(cfg.depth, cfg.list_size)}; "
             "raise reranker.depth"
         )
-    val = validation_set(store, pipe.catalogue, config, split=split, max_requests=cfg.eval_requests)
     target = project.models_dir("reranker")
     staged = staging_dir(target)
     result = train_reranker(
@@ -118,7 +121,7 @@ def fit_reranker(project: Project, split: str) -> RerankerTrainingResult:
     )
     if val.requests:
         trained = Reranker(str(staged), max_length=cfg.max_length, batch_size=cfg.batch_size)
-        _add_to_record(staged, _choose_stage2(project, pipe, trained, val, split))
+        _add_to_record(staged, {**stage1, **_choose_stage2(project, pipe, trained, val, split)})
     project.replace_model("reranker", staged)
     project.changed("models")
     project.record_run(
@@ -139,11 +142,32 @@ def retune_reranker(project: Project, split: str) -> dict[str, Any]:
     )
     if not val.requests:
         raise NotFoundError(f"split '{split}' has no validation requests to tune on")
-    tuned = _choose_stage2(project, pipe, project.load_reranker(str(target)), val, split)
+    stage1 = _choose_stage1(project, pipe, val, split)
+    pipe = _with_stage1(project, pipe, stage1)
+    tuned = {**stage1, **_choose_stage2(project, pipe, project.load_reranker(str(target)), val, split)}
     _add_to_record(target, tuned)  # atomic: a serving process never reads half a file
     project.changed("record")
     project.record_run("tune-reranker", None, {"split": split, **tuned})
     return tuned
+
+
+def _choose_stage1(project: Project, pipe: Pipeline, val: Validation, split: str) -> dict[str, Any]:
+    """Hybrid recall's BM25 weight, chosen on the validation queries of a search split when the config leaves
+    it unset ({} otherwise: recommendation, a configured weight, or no validation queries)."""
+    from twostage.tuning import choose_lexical_weight
+
+    cfg = project.config.retriever
+    if cfg.lexical_weight is not None or not val.requests or project.store.require_split(split) != "query":
+        return {}
+    judged = [val.relevant[r.request_id] for r in val.requests]
+    return choose_lexical_weight(pipe, project.lexical(), val.requests, judged, cfg)
+
+
+def _with_stage1(project: Project, pipe: Pipeline, stage1: dict[str, Any]) -> Pipeline:
+    if not stage1:
+        return pipe
+    alpha = float(stage1["lexical_weight"])
+    return pipe.with_settings(lexical_weight=alpha).replace(lexical=project.lexical() if alpha > 0 else None)
 
 
 def _choose_stage2(
