@@ -499,6 +499,9 @@ def _ingest_in_transaction(
         base = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         con.execute(f"CREATE TEMP TABLE _new AS SELECT {select}, ? + _row AS seq {good}", [base])
         # one stored event matches one file row: two identical clicks in the file and one in the store add one
+        if base == 0:  # nothing stored (seq starts at 1): every row is new, no need to match them
+            added = con.execute("INSERT INTO events SELECT * FROM _new").fetchone()[0]
+            return added, n_bad, total - n_bad - added
         keys = ("user_id", "item_id", "event", "value", "ts")
         same = " AND ".join(f"s.{c} IS NOT DISTINCT FROM n.{c}" for c in keys)
         added = con.execute(

@@ -92,10 +92,11 @@ USER_CUTOFFS = """
 
 
 # Every event of the users in _users, per user newest first: what the ``histories`` table holds.
+# One ordered list of (item, ts, seq) per user, split into three lists: one sort per user, not three.
 _USER_HISTORIES = """
-    SELECT user_id, list(item_id ORDER BY ts DESC, seq DESC), list(ts ORDER BY ts DESC, seq DESC),
-           list(seq ORDER BY ts DESC, seq DESC)
-    FROM events WHERE {where} GROUP BY user_id
+    SELECT user_id, [e.i for e in log], [e.t for e in log], [e.s for e in log] FROM (
+        SELECT user_id, list({{'i': item_id, 't': ts, 's': seq}} ORDER BY ts DESC, seq DESC) AS log
+        FROM events WHERE {where} GROUP BY user_id)
 """
 
 

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, percentiles, write
+from common import RESULTS, ROOT, percentiles, write
 
 SIZES = {"S": (10_000, 100_000), "M": (100_000, 1_000_000), "L": (1_000_000, 10_000_000)}
 EVENTS_PER_USER = 165
@@ -335,6 +335,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per step before giving up")
     parser.add_argument("--keep", action="store_true", help="keep the generated projects")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other sizes of the existing results (re-run some sizes)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--project", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -345,9 +350,12 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="twostage-scale-"))
     model = tiny_model(workdir / "tiny-bert")
     results: dict = {}
+    if args.merge and (RESULTS / "scale.json").exists():
+        results = json.loads((RESULTS / "scale.json").read_text())["sizes"]
     try:
         for name in args.sizes.split(","):
             results[name] = run_size(name, workdir, model, args.timeout)
+            results = {n: results[n] for n in SIZES if n in results}  # S, M, L order for the growth ratios
             path = write("scale", {"sizes": results, "growth": growth(results), "steps": list(STEPS)})
     finally:
         if not args.keep:
