@@ -434,3 +434,36 @@ def test_targets_and_cutoffs_of_the_requests_asked_only(store):
     assert store.cutoffs("leave-last-out", "test", ["u2"]) == {"u2": both["u2"]}
     assert store.cutoffs("leave-last-out", "test", []) == {}
     assert store.user_count() == 2
+
+
+def test_a_directory_of_parquet_partitions_loads_in_one_transaction(store, tmp_path):
+    """A partitioned export (Hive-style key=value directories) is read in place, file by file, all or
+    nothing; the partition key is a column; a bad row is named by its own file and row."""
+    import duckdb
+
+    root = tmp_path / "events"
+    for event, rows in {"click": "('u1', '2', 400), ('u3', '1', 500)", "view": "('u3', '3', 600)"}.items():
+        (root / f"event={event}").mkdir(parents=True)
+        target = root / f"event={event}" / "part-0.parquet"
+        duckdb.sql(f"COPY (SELECT * FROM (VALUES {rows}) t(user, item, ts)) TO '{target}' (FORMAT parquet)")
+    report = store.ingest(root, "events", mapping=CLICK_MAP)
+    assert (report.rows, report.file) == (3, str(root))
+    assert store.histories(["u3"]) == {"u3": ["3", "1"]}
+    assert store.con.execute("SELECT event, count(*) FROM events GROUP BY 1 ORDER BY 1").fetchall() == [
+        ("click", 2),
+        ("rating", 6),
+        ("view", 1),
+    ]
+    before = snapshot(store)
+    (root / "event=zbad").mkdir()
+    bad = root / "event=zbad" / "part-0.parquet"
+    duckdb.sql(
+        f"COPY (SELECT * FROM (VALUES ('u1', '1', 700), ('u2', 'nope', 800)) t(user, item, ts)) TO '{bad}' (FORMAT parquet)"
+    )
+    with pytest.raises(InputError) as failed:
+        store.ingest(root, "events", mapping=CLICK_MAP)
+    assert str(failed.value).startswith(f"{bad}:row 2:item:")
+    assert snapshot(store) == before  # the good files of the same load are not kept either
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="directory without Parquet files"):
+        store.ingest(tmp_path / "empty", "events")

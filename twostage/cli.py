@@ -179,7 +179,8 @@ def _print_reports(out: Output, reports: list) -> None:
 @output_options
 @click.pass_context
 def ingest(ctx, kind, file, maps, event, part, keep_rejects, out: Output) -> None:
-    """Ingest a CSV, Parquet or JSONL file of items, events, queries or judgments (one transaction).
+    """Ingest a CSV, Parquet or JSONL file of items, events, queries or judgments (one transaction); FILE may
+    also be a directory of Parquet files (a partitioned export), all loaded in that one transaction.
 
     Example: twostage ingest events ratings.csv --map user_id=userId --map item_id=movieId --map ts=timestamp
     """

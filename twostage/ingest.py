@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +74,30 @@ class IngestReport:
     # events identical to ones already stored (same user, item, event, value and time): a file loaded twice
     # would otherwise double the log and put the same item in a user's validation and test targets
     already_stored: int = 0
+
+    @classmethod
+    def combined(cls, path: str, reports: Sequence[IngestReport]) -> IngestReport:
+        """One report for the files of a directory loaded together."""
+        return cls(
+            reports[0].kind,
+            path,
+            sum(r.rows for r in reports),
+            sum(r.rejected for r in reports),
+            sum(r.seconds for r in reports),
+            sum(r.already_stored for r in reports),
+        )
+
+
+def partition_files(directory: Path) -> list[Path]:
+    """The Parquet files under a directory (any depth, e.g. Hive-style ``key=value/`` partitions), in path
+    order. Only Parquet: a partitioned export is Parquet, and mixed formats in one load are a mistake."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in (".parquet", ".pq"))
+    if not files:
+        raise InputError(
+            "is a directory without Parquet files; give a file, or a directory of .parquet files",
+            file=str(directory),
+        )
+    return files
 
 
 _EPOCH_2200 = 7_258_118_400  # 2200-01-01 in epoch seconds

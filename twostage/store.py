@@ -287,7 +287,9 @@ class Store:
         """Load one file of ``kind`` (items, events, queries, judgments) in one transaction.
 
         Args:
-            path: CSV/TSV (header row), Parquet or JSONL file.
+            path: CSV/TSV (header row), Parquet or JSONL file; or a directory of Parquet files (a partitioned
+                export, e.g. ``events/date=…/part-0.parquet``), each read in place by DuckDB, all loaded in
+                the one transaction (a bad row anywhere loads none, and is named by its file and row).
             kind: which table the rows go to.
             mapping: target column → column in the file, e.g. ``{"item_id": "movieId"}``.
             keep_rejects: put invalid rows in the ``rejects`` table and load the rest, instead of failing.
@@ -301,19 +303,24 @@ class Store:
             InputError: naming file, row and column; the store is left exactly as it was.
         """
         self._histories_current = None
+        files = ingest.partition_files(Path(path)) if Path(path).is_dir() else [path]
         with self.transaction() as cur:
             before = events_version(cur)
-            report = ingest.ingest_file(
-                cur,
-                path,
-                kind,
-                mapping=mapping,
-                keep_rejects=keep_rejects,
-                event=event,
-                part=part,
-                category_separator=category_separator,
-                future_seconds=future_seconds,
-            )
+            reports = [
+                ingest.ingest_file(
+                    cur,
+                    file,
+                    kind,
+                    mapping=mapping,
+                    keep_rejects=keep_rejects,
+                    event=event,
+                    part=part,
+                    category_separator=category_separator,
+                    future_seconds=future_seconds,
+                )
+                for file in files
+            ]
+            report = reports[0] if len(reports) == 1 else ingest.IngestReport.combined(str(path), reports)
             if kind == "events":  # new events have seq past the old latest: only their users change
                 cur.execute(
                     "CREATE TEMP TABLE _touched AS SELECT DISTINCT user_id FROM events WHERE seq > ?",
