@@ -121,6 +121,8 @@ def test_train_reranker_chooses_hybrid_recall_and_every_path_serves_it(tmp_path,
         assert record["lexical_sweep"]["0.0"] < record["lexical_sweep"][str(record["lexical_weight"])]
         pipe = engine.project.pipeline()
         assert pipe.hybrid and pipe.settings.lexical_weight == record["lexical_weight"]
+        # [reranker] max_length unset: sized from the (short) training pairs, stored, and served with
+        assert record["max_length"] == 64 and pipe.reranker.max_length == 64
         found = engine.search("where is code45x", k=5, stage="recall", explain=True)
         assert found.item_ids()[0] == "d45"
         channels = found.hits[0].explanation["channels"]  # the parts of the fused stage-1 score
@@ -134,6 +136,7 @@ def test_train_reranker_chooses_hybrid_recall_and_every_path_serves_it(tmp_path,
         engine.publish()
     served = snapshots.load(project).pipeline
     assert served.hybrid and served.settings.lexical_weight == record["lexical_weight"]
+    assert served.reranker.max_length == 64
     query = [Request("q", "where is code45x")]
     assert served.rank(query, 10, stage="recall")[0].hits == pipe.rank(query, 10, stage="recall")[0].hits
     shown = CliRunner().invoke(

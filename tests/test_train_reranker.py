@@ -379,3 +379,20 @@ def test_lora_with_early_stopping_saves_the_best_evaluated_weights(tiny_bert_pat
     # the saved (merged) model is the one that scored the recorded best on validation
     rr = Reranker(tmp_path / "lora", device="cpu", max_length=256)
     assert _validation_ndcg(rr) == pytest.approx(result.best_metric, abs=1e-6)
+
+
+def test_pair_length_is_sized_from_the_data_within_its_bounds(tiny_bert_path):
+    from transformers import AutoTokenizer
+
+    from twostage.train.reranker import LENGTH_FLOOR, pair_length
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_path))
+    short = [RerankList("heat", ["heat movie", "toy story"], [1.0, 0.0])] * 10
+    assert pair_length(tokenizer, short) == LENGTH_FLOOR  # a few tokens: the floor
+    words = "space war love heat casino toy story night day city".split()
+    long_docs = [" ".join(words[(n + k) % 10] for k in range(20 + n * 10)) for n in range(20)]
+    lists = [RerankList("space war", long_docs[n : n + 2], [1.0, 0.0]) for n in range(0, 20, 2)]
+    lengths = sorted(len(tokenizer("space war", d)["input_ids"]) for d in long_docs)
+    got = pair_length(tokenizer, lists)
+    assert got % 16 == 0 and got >= lengths[int(0.95 * (len(lengths) - 1))] and got - 16 < max(lengths)
+    assert pair_length(tokenizer, lists, limit=96) == 96

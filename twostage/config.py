@@ -154,6 +154,10 @@ class RerankerConfig:
     requests whose positive stage 1 retrieved within ``depth``, so the reranker learns to order what it will
     actually see.
 
+    ``max_length`` (tokens per request + item pair): unset, ``train reranker`` sizes it from the data, the 95th
+    percentile of its training pairs' lengths (within 64 … 512), stores it with the model and serves with it;
+    a cross-encoder not trained here gets 256.
+
     ``label_window`` (recommendation): a training request at event t counts the user's events t … t+window-1
     as its positives, graded. Next-item labels are one noisy positive per list (ratings within a session come
     in no meaningful order); a window gives the listwise loss several. Held-out requests are unaffected.
@@ -190,7 +194,7 @@ class RerankerConfig:
     cowatch_min_users: int = 5
     cowatch_recent_items: int = 200
     cowatch_folds: int = 5
-    max_length: int = 256
+    max_length: int | None = None
     batch_size: int = 32
     depth: int = 50
     serve_depth: int | None = None

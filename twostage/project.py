@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STORE_FILE = "twostage.duckdb"
 TRAINING_RECORD = "training.json"
+DEFAULT_PAIR_LENGTH = 256  # tokens per pair for a cross-encoder that was not trained here
 
 # what each kind of loaded value is read from; Project.changed(source) drops the kinds read from it
 _READS = {
@@ -285,9 +286,21 @@ class Project:
 
         def load() -> Reranker:
             name = None if source == "default" else source
-            return Reranker(name, max_length=cfg.max_length, batch_size=cfg.batch_size)
+            return Reranker(name, max_length=self.reranker_max_length(source), batch_size=cfg.batch_size)
 
         return self._memo.get(("reranker", source), load)
+
+    def reranker_max_length(self, source: str | None) -> int:
+        """Tokens per pair for the cross-encoder at ``source``: ``[reranker] max_length`` when set, else the
+        length it was trained with (its ``training.json``, sized from the data), else 256."""
+        if self.config.reranker.max_length is not None:
+            return self.config.reranker.max_length
+        record = Path(source) / TRAINING_RECORD if source not in (None, "default") else None
+        if record is not None and record.is_file():
+            trained = json.loads(record.read_text()).get("max_length")
+            if trained:
+                return int(trained)
+        return DEFAULT_PAIR_LENGTH
 
     def index_expect(self, encoder: BiEncoder) -> dict[str, Any]:
         """The manifest fields an index must have to serve with ``encoder`` and this config."""

@@ -136,7 +136,10 @@ def publish(project: Project) -> dict[str, Any]:
                 "max_seq_length": config.retriever.max_seq_length,
                 "batch_size": config.retriever.batch_size,
             },
-            "reranker": {"max_length": config.reranker.max_length, "batch_size": config.reranker.batch_size},
+            "reranker": {
+                "max_length": project.reranker_max_length(reranker_source),
+                "batch_size": config.reranker.batch_size,
+            },
             "serve": dataclasses.asdict(config.serve),
         }
         write_file(staged / "settings.json", json.dumps(settings, indent=2))

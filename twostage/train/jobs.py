@@ -120,7 +120,7 @@ def fit_reranker(project: Project, split: str) -> RerankerTrainingResult:
         progress=project.progress,
     )
     if val.requests:
-        trained = Reranker(str(staged), max_length=cfg.max_length, batch_size=cfg.batch_size)
+        trained = Reranker(str(staged), max_length=result.max_length, batch_size=cfg.batch_size)
         _add_to_record(staged, {**stage1, **_choose_stage2(project, pipe, trained, val, split)})
     project.replace_model("reranker", staged)
     project.changed("models")

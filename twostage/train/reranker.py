@@ -66,6 +66,26 @@ class RerankerTrainingResult:
     metrics: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     seconds: float = 0.0
+    max_length: int | None = None  # the token limit per pair it was trained with (and is to be served with)
+
+
+# Sizing the pair length from the data: the 95th percentile of the training pairs' token counts, rounded up to a
+# multiple of 16, kept within [64, 512] (and the model's positions). A fixed 512 pays for padding on short texts
+# (attention grows with the square of the length); a fixed 192 cuts long abstracts.
+LENGTH_QUANTILE, LENGTH_FLOOR, LENGTH_CAP, LENGTH_SAMPLE = 0.95, 64, 512, 2000
+
+
+def pair_length(
+    tokenizer: Any, lists: Sequence[RerankList], *, limit: int = LENGTH_CAP, seed: int = 0
+) -> int:
+    """The token limit per (request, doc) pair that fits ``LENGTH_QUANTILE`` of the pairs of ``lists``
+    (a seeded sample of at most ``LENGTH_SAMPLE``), within ``[LENGTH_FLOOR, limit]``."""
+    pairs = [(rl.request, doc) for rl in lists for doc in rl.docs]
+    if len(pairs) > LENGTH_SAMPLE:
+        pairs = random.Random(seed).sample(pairs, LENGTH_SAMPLE)
+    counts = [len(ids) for ids in tokenizer([a for a, _ in pairs], [b for _, b in pairs])["input_ids"]]
+    wanted = int(np.quantile(counts, LENGTH_QUANTILE)) if counts else limit
+    return max(LENGTH_FLOOR, min(limit, -(-wanted // 16) * 16))
 
 
 def make_list(
@@ -354,7 +374,7 @@ def train_reranker(
     batch_size: int = 4,
     learning_rate: float = 2e-5,
     warmup_ratio: float = 0.1,
-    max_length: int = 256,
+    max_length: int | None = 256,
     eval_steps: int | None = None,
     patience: int = 2,
     seed: int = 0,
@@ -382,7 +402,7 @@ def train_reranker(
         batch_size: lists per optimiser step.
         learning_rate: peak AdamW learning rate.
         warmup_ratio: fraction of steps with linear warm-up, in [0, 1).
-        max_length: token limit per (request, doc) pair.
+        max_length: token limit per (request, doc) pair; None sizes it from ``train_lists`` (:func:`pair_length`).
         eval_steps: evaluate every this many steps; None = once per epoch.
         patience: evaluations without improvement before stopping.
         seed: seeds the fresh head, data order and dropout.
@@ -411,7 +431,7 @@ def train_reranker(
         ("reranker.train_batch_size", batch_size, batch_size >= 1),
         ("reranker.learning_rate", learning_rate, learning_rate > 0),
         ("reranker.warmup_ratio", warmup_ratio, 0.0 <= warmup_ratio < 1.0),
-        ("reranker.max_length", max_length, max_length >= 8),
+        ("reranker.max_length", max_length, max_length is None or max_length >= 8),
         ("reranker.patience", patience, patience >= 1),
         ("eval_steps", eval_steps, eval_steps is None or eval_steps >= 1),
     ):
@@ -432,8 +452,13 @@ def train_reranker(
 
     set_seed(seed)
     model, fresh_head = load_cross_encoder(
-        base_model, device=device, max_length=max_length, for_training=True
+        base_model, device=device, max_length=max_length or LENGTH_CAP, for_training=True
     )
+    if max_length is None:
+        positions = getattr(model.model.config, "max_position_embeddings", LENGTH_CAP)
+        max_length = pair_length(model.tokenizer, train_lists, limit=min(LENGTH_CAP, positions), seed=seed)
+        model.max_seq_length = max_length
+        logger.info("reranker pairs cut at %d tokens (95th percentile of the training pairs)", max_length)
     tuner = _add_lora(model) if lora else None
     loss_fn = build_loss(loss, model, mini_batch_size=0 if mini_batch_size is None else mini_batch_size)
     train_dataset = lists_to_dataset(train_lists)
@@ -534,7 +559,12 @@ def train_reranker(
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     logger.info("reranker trained: %d steps, %.1fs, best %s", steps, seconds, best_metric)
     return RerankerTrainingResult(
-        model_path=output_dir, best_metric=best_metric, metrics=metrics, steps=steps, seconds=seconds
+        model_path=output_dir,
+        best_metric=best_metric,
+        metrics=metrics,
+        steps=steps,
+        seconds=seconds,
+        max_length=max_length,
     )
 
 
