@@ -290,7 +290,8 @@ def _block_top(
     Cosine is ``c / sqrt(n_a · n_b)`` in float64 with the integer product under the root, as DuckDB computes
     it, so equal cosines tie here exactly where they tie in SQL.
     """
-    block.sort_indices()  # ids ascending within each row: the first of equal cosines is the smaller id
+    # Rows are contiguous in CSR order; ids within a row are not sorted (sorting a whole block costs more than
+    # the rest together): only the tied entries at a row's cut and the chosen entries are sorted below.
     m = block.shape[0]
     a = np.repeat(np.arange(lo, lo + m, dtype=np.int32), np.diff(block.indptr))
     b = keep[block.indices]
@@ -304,19 +305,21 @@ def _block_top(
     kth = np.full(m, -np.inf)
     long = np.flatnonzero(length > top)
     kth[long] = _kth_largest(cos, start[long], length[long], top)
-    above, tied = cos > kth[row], cos == kth[row]
-    room = top - np.bincount(row[above], minlength=m)
-    tied_so_far = np.cumsum(tied)
-    tie_rank = tied_so_far - np.concatenate(([0], tied_so_far))[start][row]
-    chosen = above | (tied & (tie_rank <= room[row]))
-    row, b, cos = row[chosen], b[chosen], cos[chosen]
+    chosen = cos > kth[row]
+    room = top - np.bincount(row[chosen], minlength=m)
+    tied = np.flatnonzero(cos == kth[row])
+    if len(tied):
+        tied = tied[np.lexsort((b[tied], row[tied]))]  # by row, then id
+        tied_rows = row[tied]
+        rank = np.arange(len(tied)) - np.searchsorted(tied_rows, tied_rows)  # 0-based within its row
+        chosen[tied[rank < room[tied_rows]]] = True
+    picked = np.flatnonzero(chosen)
+    picked = picked[np.lexsort((b[picked], -cos[picked], row[picked]))]  # row, cosine down, id up
+    row, b = row[picked], b[picked]
     count = np.bincount(row, minlength=m)
     slot = np.arange(len(row)) - (np.cumsum(count) - count)[row]
-    order = np.full((m, top), np.inf)
-    order[row, slot] = -cos
     best = np.zeros((m, top), np.int32)
     best[row, slot] = b
-    best = np.take_along_axis(best, np.argsort(order, axis=1, kind="stable"), axis=1)
     has = count > 0
     return np.flatnonzero(has) + lo, best[has], count[has]
 
