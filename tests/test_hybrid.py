@@ -3,6 +3,8 @@ weight chosen on validation, served by every path that ranks."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 from fakes import FakeReranker, movie_titles, pipeline
@@ -72,8 +74,6 @@ def test_the_weight_is_chosen_on_validation_and_stays_zero_where_bm25_does_not_h
 def _search_project(root, tiny_bert_path):
     """A search project on which only words match: each query names its document's code word, which the tiny
     random BERT cannot see and BM25 can. 60 documents, 40 judged queries (a tenth held out for validation)."""
-    import json
-
     from twostage import Engine
 
     words = ("alpha", "bravo", "delta", "echo", "foxtrot", "golf", "hotel", "india", "kilo", "lima")
@@ -123,6 +123,12 @@ def test_train_reranker_chooses_hybrid_recall_and_every_path_serves_it(tmp_path,
         assert pipe.hybrid and pipe.settings.lexical_weight == record["lexical_weight"]
         # [reranker] max_length unset: sized from the (short) training pairs, stored, and served with
         assert record["max_length"] == 64 and pipe.reranker.max_length == 64
+        # both stored with the run, as chosen from the data
+        (config,) = engine.sql("SELECT config FROM runs WHERE kind = 'train-reranker'")[1][0]
+        assert json.loads(config)["resolved"] == {
+            "reranker.max_length": 64,
+            "retriever.lexical_weight": record["lexical_weight"],
+        }
         found = engine.search("where is code45x", k=5, stage="recall", explain=True)
         assert found.item_ids()[0] == "d45"
         channels = found.hits[0].explanation["channels"]  # the parts of the fused stage-1 score

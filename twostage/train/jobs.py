@@ -124,8 +124,14 @@ def fit_reranker(project: Project, split: str) -> RerankerTrainingResult:
         _add_to_record(staged, {**stage1, **_choose_stage2(project, pipe, trained, val, split)})
     project.replace_model("reranker", staged)
     project.changed("models")
+    # the settings chosen from the data, beside the configured ones (which leave them unset)
+    resolved = {"reranker.max_length": result.max_length}
+    if stage1:
+        resolved["retriever.lexical_weight"] = stage1["lexical_weight"]
     project.record_run(
-        "train-reranker", None, {"split": split, "lists": len(train), "metrics": dict(result.metrics)}
+        "train-reranker",
+        None,
+        {"split": split, "lists": len(train), "metrics": dict(result.metrics), "resolved": resolved},
     )
     return dataclasses.replace(result, model_path=target)
 
