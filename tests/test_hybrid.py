@@ -161,3 +161,17 @@ def test_a_configured_weight_is_served_without_tuning(tmp_path, tiny_bert_path):
         assert not engine.project.pipeline().hybrid
     with Engine.open(project, overrides={"retriever.lexical_weight": 0.4}) as engine:
         assert engine.project.pipeline().settings.lexical_weight == 0.4
+
+
+def test_hybrid_keeps_a_top_k_the_head_of_longer_lists_and_returns_only_indexed_items():
+    dense = pipeline(ITEMS, recall_depth=8)
+    hybrid = dense.replace(lexical=_bm25(dense)).with_settings(lexical_weight=0.5)
+    request = Request("q", "saga 17 crime war")
+    lists = {k: hybrid.rank([request], k, stage="recall")[0].item_ids() for k in (3, 8, 20, 40)}
+    for short, long in ((3, 8), (8, 20), (20, 40)):
+        assert lists[long][:short] == lists[short]
+    # an item BM25 ranks first but the index no longer holds is never returned (nor diversified, nor explained)
+    gone = hybrid.replace(lexical=hybrid.lexical)
+    gone.index.remove(["m17"])
+    ranked = gone.rank([request], 10, stage="recall", diversify=0.5, explain=True)[0]
+    assert "m17" not in ranked.item_ids() and len(ranked.hits) == 10

@@ -72,3 +72,13 @@ def test_templates_render_fields_and_refuse_unknown_ones_with_a_suggestion():
     assert catalogue.title("1") == "Heat" and catalogue.title("missing") == "missing"
     with pytest.raises(ConfigError, match=r"text.item_template: no item has the field \{yeer\}.*'year'"):
         catalogue.check_templates({"text.item_template": "{title} {yeer}"})
+
+
+def test_no_requests_asked_is_an_empty_list_of_an_existing_part(store):
+    catalogue = Catalogue.from_store(store, "{title}")
+    assert (
+        split_requests(store, catalogue, TextConfig(), split="leave-last-out", part="valid", max_requests=0)
+        == []
+    )
+    with pytest.raises(NotFoundError, match="no part 'dev'"):
+        split_requests(store, catalogue, TextConfig(), split="leave-last-out", part="dev", max_requests=0)

@@ -467,3 +467,10 @@ def test_a_directory_of_parquet_partitions_loads_in_one_transaction(store, tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="directory without Parquet files"):
         store.ingest(tmp_path / "empty", "events")
+
+
+def test_histories_follow_an_sql_update_that_keeps_the_event_count(store):
+    store.sql("UPDATE events SET item_id = '1' WHERE user_id = 'u1' AND item_id = '3'", write=True)
+    assert store.histories(["u1"]) == {"u1": ["1", "2", "1"]} == _scanned(store, ["u1"])
+    store.sql("DROP TABLE histories", write=True)
+    assert store.histories(["u1", "u2"]) == _scanned(store, ["u1", "u2"])  # the events are read instead

@@ -396,3 +396,4 @@ def test_pair_length_is_sized_from_the_data_within_its_bounds(tiny_bert_path):
     got = pair_length(tokenizer, lists)
     assert got % 16 == 0 and got >= lengths[int(0.95 * (len(lengths) - 1))] and got - 16 < max(lengths)
     assert pair_length(tokenizer, lists, limit=96) == 96
+    assert pair_length(tokenizer, short, limit=32) == 32  # a model with fewer positions than the floor

@@ -91,7 +91,14 @@ class IngestReport:
 def partition_files(directory: Path) -> list[Path]:
     """The Parquet files under a directory (any depth, e.g. Hive-style ``key=value/`` partitions), in path
     order. Only Parquet: a partitioned export is Parquet, and mixed formats in one load are a mistake."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in (".parquet", ".pq"))
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in (".parquet", ".pq")
+        # hidden and underscore entries are a writer's temporary or metadata files (_temporary/, .part-*.crc)
+        and not any(part.startswith((".", "_")) for part in p.relative_to(directory).parts)
+    )
     if not files:
         raise InputError(
             "is a directory without Parquet files; give a file, or a directory of .parquet files",

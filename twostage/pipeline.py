@@ -337,12 +337,7 @@ class Pipeline:
         pool = search if prior else depth
         found = self.index.search(vecs, pool, exclude=exclude)
         if self.hybrid:
-            found = [
-                fuse_channels(
-                    dense, lexical, weight=self.settings.lexical_weight, method=self.settings.lexical_fusion
-                )
-                for dense, lexical in zip(found, self._lexical_search(requests, pool), strict=True)
-            ]
+            found = self._fuse_lexical(requests, found)
         if not prior:  # equal scores in item-id order: FAISS's order among ties is its heap's
             return [sorted(hits, key=lambda x: (-x[1], x[0]))[:depth] for hits in found]
         beta, popularity = self.settings.popularity_weight, self.counts.popularity
@@ -353,12 +348,38 @@ class Pipeline:
             out.append(rescored[:depth])
         return out
 
+    def _fuse_lexical(
+        self, requests: Sequence[Request], dense: list[list[tuple[str, float]]]
+    ) -> list[list[tuple[str, float]]]:
+        """Each request's dense list with the lexical channel fused into its head.
+
+        Both channels give their top ``recall_depth`` (fixed by the settings, never by ``k``, so a top k stays
+        the head of any longer list) and :func:`fuse_channels` ranks their union; dense hits deeper than that
+        (when ``k`` asks for more) follow in their own order, below every fused score."""
+        pool = self.settings.recall_depth
+        out = []
+        for hits, lexical in zip(dense, self._lexical_search(requests, pool), strict=True):
+            head = sorted(hits, key=lambda x: (-x[1], x[0]))
+            fused = fuse_channels(
+                head[:pool], lexical, weight=self.settings.lexical_weight, method=self.settings.lexical_fusion
+            )
+            seen, floor = {i for i, _ in fused}, min((sc for _, sc in fused), default=0.0)
+            deeper = [i for i, _ in head[pool:] if i not in seen]
+            out.append(fused + [(i, floor - 1.0 - n) for n, i in enumerate(deeper)])
+        return out
+
     def _lexical_search(self, requests: Sequence[Request], k: int) -> list[list[tuple[str, float]]]:
-        """The lexical channel's top ``k`` per request, without the request's excluded items."""
-        deepest = k + max((len(r.exclude) for r in requests), default=0)
+        """The lexical channel's top ``k`` per request among the indexed items and without the request's
+        excluded ones (the catalogue may hold items not indexed yet, which the dense channel, MMR and
+        explanations cannot read), ties in item-id order."""
+        unindexed = max(0, len(self.catalogue) - self.index.count)
+        deepest = k + unindexed + max((len(r.exclude) for r in requests), default=0)
         lists = self.lexical.search([r.text for r in requests], k=deepest)  # type: ignore[union-attr]
         return [
-            [(i, s) for i, s in hits if i not in r.exclude][:k]
+            sorted(
+                ((i, s) for i, s in hits if i not in r.exclude and i in self.index),
+                key=lambda x: (-x[1], x[0]),
+            )[:k]
             for r, hits in zip(requests, lists, strict=True)
         ]
 

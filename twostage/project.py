@@ -525,5 +525,10 @@ class Project:
         index = VectorIndex.build(ids, vecs, IndexSpec(factory="Flat"), model_fingerprint=base.fingerprint)
         settings = dataclasses.replace(self.settings(with_reranker=False), popularity_weight=0.0)
         return Pipeline(
-            encoder=base, index=index, catalogue=self.catalogue(), text=self.config.text, settings=settings
+            encoder=base,
+            index=index,
+            catalogue=self.catalogue(),
+            text=self.config.text,
+            settings=settings,
+            lexical=self.lexical() if settings.lexical_weight > 0 else None,  # only the bi-encoder differs
         )

@@ -143,7 +143,7 @@ def split_requests(
     where users re-consume items, or a repeated target could never be hit). Queries get their text.
     """
     kind = store.require_split(split)
-    targets = store.targets(split, part, limit=max_requests)
+    targets = store.targets(split, part, limit=1 if max_requests == 0 else max_requests)
     if not targets:
         parts = sorted(
             {
@@ -154,6 +154,8 @@ def split_requests(
             }
         )
         raise NotFoundError(f"split '{split}' has no part '{part}' (parts: {', '.join(parts)})")
+    if max_requests == 0:  # the part exists; none of it is asked for
+        return []
     ids = sorted(targets)
     if kind == "query":
         texts = store.query_texts(ids)

@@ -398,10 +398,8 @@ class Store:
                 rows = cur.fetchall() if cur.description else []
                 if not write:
                     cur.execute("ROLLBACK")
-            if write:  # the statement may have changed events (or dropped them: the next open says so)
-                self._histories_current = None
-                with contextlib.suppress(duckdb.CatalogException), self.transaction() as cur:
-                    refresh_histories(cur)
+            if write:  # the statement may have changed events: an UPDATE keeps their count and latest seq
+                self._rebuild_histories()
             return names, rows
         except duckdb.Error as e:
             if not write and "read-only mode" in str(e):
@@ -564,6 +562,21 @@ class Store:
         for user_id, items in rows:
             out[user_id] = items[:limit] if limit else items
         return out
+
+    def _rebuild_histories(self) -> None:
+        """Every histories row again (after a write that may have changed any event); if the events or the
+        histories table are gone, the table is marked not built, so reads scan the events or the next open
+        reports the missing core table."""
+        import duckdb
+
+        self._histories_current = None
+        try:
+            with self.transaction() as cur:
+                cur.execute("DELETE FROM derived_from WHERE name = 'histories'")
+                refresh_histories(cur)
+        except duckdb.CatalogException:
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute("DELETE FROM derived_from WHERE name = 'histories'")
 
     def user_count(self) -> int:
         """Users with events (one row each in the histories table, when it is current)."""

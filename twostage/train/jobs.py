@@ -158,13 +158,15 @@ def retune_reranker(project: Project, split: str) -> dict[str, Any]:
 
 
 def _choose_stage1(project: Project, pipe: Pipeline, val: Validation, split: str) -> dict[str, Any]:
-    """Hybrid recall's BM25 weight, chosen on the validation queries of a search split when the config leaves
-    it unset ({} otherwise: recommendation, a configured weight, or no validation queries)."""
+    """Hybrid recall's BM25 weight when the config leaves it unset: chosen on the validation queries of a
+    search split, else 0 (recommendation, or no validation queries); {} when the config sets it."""
     from twostage.tuning import choose_lexical_weight
 
     cfg = project.config.retriever
-    if cfg.lexical_weight is not None or not val.requests or project.store.require_split(split) != "query":
+    if cfg.lexical_weight is not None:
         return {}
+    if not val.requests or project.store.require_split(split) != "query":
+        return {"lexical_weight": 0.0}  # not an earlier reranker's choice: what this one trains on is served
     judged = [val.relevant[r.request_id] for r in val.requests]
     return choose_lexical_weight(pipe, project.lexical(), val.requests, judged, cfg)
 

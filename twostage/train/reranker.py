@@ -85,7 +85,7 @@ def pair_length(
         pairs = random.Random(seed).sample(pairs, LENGTH_SAMPLE)
     counts = [len(ids) for ids in tokenizer([a for a, _ in pairs], [b for _, b in pairs])["input_ids"]]
     wanted = int(np.quantile(counts, LENGTH_QUANTILE)) if counts else limit
-    return max(LENGTH_FLOOR, min(limit, -(-wanted // 16) * 16))
+    return min(limit, max(LENGTH_FLOOR, -(-wanted // 16) * 16))
 
 
 def make_list(
