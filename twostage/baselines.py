@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import bm25s
 
+    from twostage.requests import Catalogue
+
 
 def popularity_rankings(
     popularity: Mapping[str, int], exclude: Mapping[str, Collection[str]], *, k: int
@@ -48,6 +50,12 @@ class BM25:
         self._model: bm25s.BM25 = bm25s.BM25(k1=k1, b=b, method="lucene")
         tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stemmer, show_progress=False)
         self._model.index(tokens, show_progress=False)
+
+    @classmethod
+    def of_catalogue(cls, catalogue: Catalogue) -> BM25:
+        """BM25 over every catalogue item's text (its item template): the search baseline and hybrid recall's
+        lexical channel, in a project and in a served snapshot alike."""
+        return cls(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
 
     def scores(self, text: str, item_ids: Sequence[str]) -> list[float]:
         """The BM25 score of each of ``item_ids`` for one query text (0 where no term matches)."""

@@ -170,10 +170,9 @@ def _baseline(
             "popularity",
             *_timed(lambda: list(popularity_rankings(popularity, exclude, k=depth).values())),
         )
-    catalogue = pipe.catalogue
 
     def bm25() -> Lists:
-        index = pipe.lexical or BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
+        index = pipe.lexical or BM25.of_catalogue(pipe.catalogue)
         return index.search([r.text for r in requests], k=depth)
 
     return ("bm25", *_timed(bm25))

@@ -206,11 +206,11 @@ class Project:
         """BM25 over every item's text (the item template): stage 1's lexical channel for hybrid recall."""
         from twostage.baselines import BM25
 
-        def build() -> BM25:
-            catalogue = self.catalogue()
-            return BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
+        return self._memo.get(("lexical",), lambda: BM25.of_catalogue(self.catalogue()))
 
-        return self._memo.get(("lexical",), build)
+    def lexical_channel(self, weight: float) -> BM25 | None:
+        """The lexical channel a pipeline fusing BM25 with ``weight`` needs: none at weight 0."""
+        return self.lexical() if weight > 0 else None
 
     def text_fingerprint(self) -> str:
         """What item vectors depend on in ``[text]``: the item template only (user settings do not)."""
@@ -487,7 +487,7 @@ class Project:
             text=self.config.text,
             settings=settings,
             reranker=reranker,
-            lexical=self.lexical() if settings.lexical_weight > 0 else None,
+            lexical=self.lexical_channel(settings.lexical_weight),
         )
         return self.counted(pipe, split, all_counts=all_counts)
 
@@ -530,5 +530,5 @@ class Project:
             catalogue=self.catalogue(),
             text=self.config.text,
             settings=settings,
-            lexical=self.lexical() if settings.lexical_weight > 0 else None,  # only the bi-encoder differs
+            lexical=self.lexical_channel(settings.lexical_weight),  # only the bi-encoder differs
         )

@@ -283,7 +283,7 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
     if served.lexical_weight > 0:  # hybrid recall: BM25 indexed from the snapshot's own item texts
         from twostage.baselines import BM25
 
-        lexical = BM25(catalogue.item_ids, [catalogue.text(i) for i in catalogue.item_ids])
+        lexical = BM25.of_catalogue(catalogue)
     pipeline = Pipeline(
         encoder=encoder,
         index=index,

@@ -211,9 +211,8 @@ class Store:
             self.con.execute(SCHEMA)
             if "histories" not in had:  # created now (or again, after a DROP): nothing in it yet
                 self.con.execute("DELETE FROM derived_from WHERE name = 'histories'")
-            with (
-                self.transaction() as cur
-            ):  # a store from before the table, or events changed by `sql --write`
+            # a store from before the table, or from before events changed
+            with self.transaction() as cur:
                 refresh_histories(cur)
 
     def _require_core_tables(self) -> set[str]:
@@ -540,9 +539,8 @@ class Store:
         cut = cutoffs or {}
         out: dict[str, list[str]] = {u: [] for u in user_ids}
         with self.con.cursor() as cur:
-            if self._histories_current is None:
-                self._histories_current = histories_current(cur)
-            if len(out) == 1 and self._histories_current:
+            current = self._reads_histories(cur)
+            if len(out) == 1 and current:
                 # one user (a served request): a lookup by the table's key, no table to register
                 user = next(iter(out))
                 cts, cseq = cut.get(user, (None, None))
@@ -556,7 +554,7 @@ class Store:
                     }
                 )
                 cur.register("_users", table)
-                sql = _CUT_HISTORIES if self._histories_current else _CUT_EVENTS
+                sql = _CUT_HISTORIES if current else _CUT_EVENTS
                 rows = cur.execute(sql.format(users="_users")).fetchall()
                 cur.unregister("_users")
         for user_id, items in rows:
@@ -578,10 +576,17 @@ class Store:
             with contextlib.suppress(duckdb.Error):
                 self.con.execute("DELETE FROM derived_from WHERE name = 'histories'")
 
+    def _reads_histories(self, cur: duckdb.DuckDBPyConnection) -> bool:
+        """Whether reads may use the histories table: it matches the events (asked once, until this store
+        writes; a read-only store may hold a stale one, and no other process writes while this one is open)."""
+        if self._histories_current is None:
+            self._histories_current = histories_current(cur)
+        return self._histories_current
+
     def user_count(self) -> int:
         """Users with events (one row each in the histories table, when it is current)."""
         with self.con.cursor() as cur:
-            if histories_current(cur):
+            if self._reads_histories(cur):
                 return int(cur.execute("SELECT count(*) FROM histories").fetchall()[0][0])
             return int(cur.execute("SELECT count(DISTINCT user_id) FROM events").fetchall()[0][0])
 
@@ -590,7 +595,7 @@ class Store:
         snapshot serves ``recommend`` from. DuckDB writes it in one streaming pass."""
         target = str(path).replace("'", "''")
         with self.con.cursor() as cur:
-            if histories_current(cur):
+            if self._reads_histories(cur):
                 source = "SELECT user_id, item_ids AS history FROM histories"
             else:
                 source = "SELECT user_id, list(item_id ORDER BY ts DESC, seq DESC) AS history FROM events GROUP BY 1"

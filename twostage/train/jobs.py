@@ -175,7 +175,7 @@ def _with_stage1(project: Project, pipe: Pipeline, stage1: dict[str, Any]) -> Pi
     if not stage1:
         return pipe
     alpha = float(stage1["lexical_weight"])
-    return pipe.with_settings(lexical_weight=alpha).replace(lexical=project.lexical() if alpha > 0 else None)
+    return pipe.with_settings(lexical_weight=alpha).replace(lexical=project.lexical_channel(alpha))
 
 
 def _choose_stage2(
