@@ -360,6 +360,30 @@ def train_reranker(ctx, split_name, loss, epochs, tune_only, no_publish, out: Ou
     )
 
 
+@train.command("ranker")
+@click.option("--split", "split_name", help="Split to train on (default: the config's).")
+@_NO_PUBLISH
+@output_options
+@click.pass_context
+def train_ranker(ctx, split_name, no_publish, out: Output) -> None:
+    """Train the learned stage 2 (LightGBM LambdaMART over stage-1, EASE, co-watch, popularity and history
+    features; early stopping on validation nDCG@10) and choose the EASE recall channel's weight.
+
+    Example: twostage train ranker
+    """
+    engine = _engine(ctx, out)
+    record = engine.train_ranker(split=split_name)
+    published = _publish_after(engine, out, no_publish)
+    dropped = ", ".join(record["dropped"]) or "none"
+    out.result(
+        {**record, "published": published},
+        f"Saved {engine.project.models_dir('ranker')}: validation nDCG@10 {record['valid_ndcg@10']:.4f} "
+        f"(stage 1 {record['valid_stage1_ndcg@10']:.4f}), {record['trees']} trees on {record['train_lists']} "
+        f"lists; features {', '.join(record['features'])} (dropped: {dropped}); EASE channel weight "
+        f"{record['items_weight']} (chosen on validation)",
+    )
+
+
 @cli.group()
 def index() -> None:
     """Build, update and inspect the FAISS index of item embeddings.

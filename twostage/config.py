@@ -221,6 +221,67 @@ class RerankerConfig:
     seed: int = 0
 
 
+# the learned ranker's features, in column order (``twostage.features`` computes them)
+FEATURES = (
+    "stage1",
+    "stage1_rank",
+    "dense",
+    "lexical",
+    "items",
+    "cowatch",
+    "cowatch_recency",
+    "popularity",
+    "history_length",
+    "category_overlap",
+    "rerank",
+)
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Recommendation's learned stage 2 and its items recall channel (``twostage train ranker``).
+
+    ``learned = "auto"`` trains a LightGBM LambdaMART ranker (``twostage.ltr``) over the features of
+    ``twostage.features`` on recommendation splits, where it replaces the weight grid of ``[reranker]``; a
+    search split keeps the grid (``"on"`` trains it there too; ``"off"`` never). Its training lists are
+    ``max_train_requests`` requests from the split's train side, ranked ``depth`` deep by stage 1 and dealt
+    into ``folds`` folds of users whose log features are counted without them; early stopping on the lists
+    of ``eval_requests`` validation requests (nDCG@10). ``cross_encoder = true`` adds the cross-encoder's score as a feature (it must be trained
+    first, and each training candidate costs a model pass; kept only where validation says it helps).
+    ``features`` limits the features it may use (unset: every one the pipeline can compute; see
+    ``twostage.features``).
+
+    ``items_channel = "ease"`` adds a second stage-1 channel for users: EASE item-to-item weights (cornac)
+    fit on the log, fused with the bi-encoder's list by ``items_weight`` (unset: chosen on validation from
+    ``items_grid``, by recall at ``depth``). ``ease_reg`` is EASE's λ; each item keeps its
+    ``ease_neighbours`` largest weights; only the ``ease_max_items`` most popular items with at least
+    ``ease_min_users`` users get weights (the inverse costs O(items³)); each user's ``ease_recent_items``
+    latest items count.
+    """
+
+    learned: str = "auto"
+    features: tuple[str, ...] | None = None
+    cross_encoder: bool = False
+    depth: int = 100
+    max_train_requests: int = 3000
+    eval_requests: int = 1000
+    folds: int = 3
+    num_trees: int = 500
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 50
+    early_stopping: int = 50
+    items_channel: str = "ease"
+    items_weight: float | None = None
+    items_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    ease_reg: float = 500.0
+    ease_neighbours: int = 100
+    ease_max_items: int = 10_000
+    ease_min_users: int = 2
+    ease_recent_items: int = 200
+    seed: int = 0
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Offline evaluation: cut-offs, which metrics, how many bootstrap resamples."""
@@ -282,6 +343,7 @@ class Config:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -404,6 +466,8 @@ def _validate(config: Config) -> None:
         "reranker.negatives": (config.reranker.negatives, ["top", "sampled"]),
         "scale.engine": (config.scale.engine, ["local", "ray"]),
         "retriever.lexical_fusion": (config.retriever.lexical_fusion, ["convex", "rrf"]),
+        "ranker.learned": (config.ranker.learned, ["auto", "on", "off"]),
+        "ranker.items_channel": (config.ranker.items_channel, ["ease", "none"]),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -417,6 +481,7 @@ def _validate(config: Config) -> None:
     for key, value in (
         ("reranker.fusion_weight", config.reranker.fusion_weight),
         ("retriever.lexical_weight", config.retriever.lexical_weight),
+        ("ranker.items_weight", config.ranker.items_weight),
     ):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError("must be between 0 and 1", key=key)
@@ -475,6 +540,19 @@ _AT_LEAST_ONE = {
         "cowatch_recent_items",
         "mmr_depth",
     ),
+    "ranker": (
+        "depth",
+        "max_train_requests",
+        "eval_requests",
+        "num_trees",
+        "num_leaves",
+        "min_data_in_leaf",
+        "early_stopping",
+        "ease_neighbours",
+        "ease_max_items",
+        "ease_min_users",
+        "ease_recent_items",
+    ),
     "index": ("depth", "max_k"),
     "eval": ("max_requests", "bootstrap"),
     "serve": ("keep_snapshots", "max_k", "max_query_chars", "max_batch", "max_history"),
@@ -488,6 +566,7 @@ _AT_LEAST_ZERO = {
     "serve": ("poll_seconds",),
     "ingest": ("future_seconds",),
     "scale": ("num_gpus_per_actor",),
+    "ranker": ("ease_reg",),
 }
 
 
@@ -506,6 +585,19 @@ def _validate_ranges(config: Config) -> None:
     _validate_grids(config)
     if config.reranker.list_size < 2:
         raise ConfigError("a listwise loss needs lists of at least 2", key="reranker.list_size")
+    if config.ranker.folds < 2:
+        raise ConfigError(f"must be at least 2, got {config.ranker.folds}", key="ranker.folds")
+    if not config.ranker.learning_rate > 0:
+        raise ConfigError(f"must be above 0, got {config.ranker.learning_rate}", key="ranker.learning_rate")
+    for name in config.ranker.features or ():
+        if name not in FEATURES:
+            raise ConfigError(
+                f"unknown feature {name!r}; choose from {', '.join(FEATURES)}",
+                key="ranker.features",
+                suggestion=did_you_mean(name, list(FEATURES)),
+            )
+    if any(not 0.0 <= w <= 1.0 for w in config.ranker.items_grid):
+        raise ConfigError("every weight must be in [0, 1]", key="ranker.items_grid")
     for section in ("retriever", "reranker"):
         cfg = getattr(config, section)
         if not cfg.learning_rate > 0:

@@ -62,8 +62,8 @@ def co_watched(
     (below that, cosine is noise), and only each user's ``recent_items`` latest items count (bounding the
     work on heavy users); ``[reranker] cowatch_min_users`` and ``cowatch_recent_items`` set them.
     """
-    with _snapshot(store) as cur:
-        seen = _seen(cur, split, recent_items, exclude=exclude_users)
+    with snapshot(store) as cur:
+        seen = seen_matrix(cur, split, recent_items, exclude=exclude_users)
     return _count(seen, 0, top=top, min_users=min_users)[0]
 
 
@@ -78,8 +78,8 @@ def co_watched_folds(
 ) -> list[dict[str, list[str]]]:
     """For each of the disjoint user sets ``folds``, :func:`co_watched` with ``exclude_users`` that fold, in
     one pass: per block of items the counts over every user and each fold's own counts, subtracted."""
-    with _snapshot(store) as cur:
-        seen = _seen(cur, split, recent_items, folds=folds)
+    with snapshot(store) as cur:
+        seen = seen_matrix(cur, split, recent_items, folds=folds)
     return _count(seen, len(folds), top=top, min_users=min_users)
 
 
@@ -100,15 +100,15 @@ def cached_co_watched(
     that cannot be written to (a read-only project) is counted in memory; a failed write is only logged."""
     directory = Path(directory)
     folds = [frozenset(f) for f in folds]
-    with _snapshot(store) as cur:
-        version = _version(cur, split)
+    with snapshot(store) as cur:
+        described = version(cur, split)
         options = {"top": int(top), "min_users": int(min_users), "recent_items": int(recent_items)}
-        paths = [directory / f"cowatch-{_key(version, options, fold)}.parquet" for fold in folds]
+        paths = [directory / f"cowatch-{_key(described, options, fold)}.parquet" for fold in folds]
         lists: list[dict[str, list[str]] | None] = [_read(path) for path in paths]
         missing = [n for n, value in enumerate(lists) if value is None]
         if missing:
             one = len(missing) == 1  # one fold: leave its users out in SQL rather than subtract
-            seen = _seen(
+            seen = seen_matrix(
                 cur,
                 split,
                 recent_items,
@@ -130,7 +130,7 @@ BLOCK_NONZEROS = 1 << 22
 
 
 @dataclasses.dataclass
-class _Seen:
+class Seen:
     """Each user's recent distinct items after the cut-offs and exclusions: users × items, 1 where seen."""
 
     item_ids: list[str]  # column order: DuckDB's ORDER BY item_id, so index order is the SQL tie order
@@ -140,7 +140,7 @@ class _Seen:
 
 
 @contextlib.contextmanager
-def _snapshot(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
+def snapshot(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
     """A cursor in one read transaction: the queries of one count see the same events and splits."""
     with store.cursor() as cur:
         cur.execute("BEGIN TRANSACTION")
@@ -150,14 +150,14 @@ def _snapshot(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
             cur.execute("ROLLBACK")  # read only: nothing to keep
 
 
-def _seen(
+def seen_matrix(
     cur: duckdb.DuckDBPyConnection,
     split: str | None,
     recent_items: int,
     *,
     exclude: Iterable[str] = (),
     folds: Sequence[Iterable[str]] = (),
-) -> _Seen:
+) -> Seen:
     """DuckDB filters (cut-offs, excluded users, each user's ``recent_items`` latest distinct items, ties by
     item id) and numbers users and items: the pairs cross into Python as int arrays, the item ids once."""
     import pyarrow as pa
@@ -215,10 +215,10 @@ def _seen(
     users, items = np.asarray(got["u"], np.int32), np.asarray(got["i"], np.int32)
     fold = np.full(int(users.max()) + 1 if len(users) else 0, -1, np.int32)
     fold[users] = got["fold"]
-    return _Seen(item_ids, users, items, fold)
+    return Seen(item_ids, users, items, fold)
 
 
-def _count(seen: _Seen, folds: int, *, top: int, min_users: int) -> list[dict[str, list[str]]]:
+def _count(seen: Seen, folds: int, *, top: int, min_users: int) -> list[dict[str, list[str]]]:
     """The lists without each of the ``folds`` folds of users tagged in ``seen`` (0: one list set, counted
     over every user in ``seen``).
 
@@ -347,7 +347,7 @@ CACHE_FORMAT = 1
 CACHE_FILES = 24
 
 
-def _version(cur: duckdb.DuckDBPyConnection, split: str | None) -> dict[str, Any]:
+def version(cur: duckdb.DuckDBPyConnection, split: str | None) -> dict[str, Any]:
     """What the lists are counted from: the events table's version (rows, latest ingest ``seq``: ``seq``
     only grows) and the split's creation (a split made again has new cut-offs)."""
     rows, last = cur.execute("SELECT count(*), max(seq) FROM events").fetchone()

@@ -52,6 +52,9 @@ eval_requests = 300
 train_batch_size = 4
 learning_rate = 5e-5
 
+[ranker]
+max_train_requests = 1500
+
 [eval]
 ks = [1, 5, 10, 20, 100]
 max_requests = 200
@@ -90,6 +93,7 @@ def run_demo(
     retriever = step("fine-tune retriever", engine.train_retriever)
     step("build index", engine.index_build)
     reranker = step("train reranker", engine.train_reranker)
+    ranker = step("train learned ranker", engine.train_ranker)
     report = step(
         "evaluate", lambda: engine.evaluate(report=root / "report.html", mmr_lambdas=(0.9, 0.7, 0.5))
     )
@@ -105,6 +109,9 @@ def run_demo(
         f"Reranker trained: best validation nDCG@10 {reranker.best_metric:.4f}; rerank depth "
         f"{settings.rerank_depth}, fusion weight {settings.fusion_weight}, co-watch weight "
         f"{settings.cowatch_weight} (chosen on validation)",
+        f"Learned ranker (stage 2 from now on): validation nDCG@10 {ranker['valid_ndcg@10']:.4f} on the lists "
+        f"with a positive in reach, {ranker['trees']} trees; features {', '.join(ranker['features'])}; EASE "
+        f"channel weight {ranker['items_weight']} (chosen on validation)",
         "",
         f"Test metrics ({report.extra['n_requests']} requests of split {report.split}, part {report.part}; "
         "full ranking over the items each user has not seen):",

@@ -371,6 +371,15 @@ class Engine:
         self._changed("models")
         return result
 
+    def train_ranker(self, *, split: str | None = None) -> dict[str, Any]:
+        """``twostage train ranker``: train the learned stage 2 and choose the items channel's weight (see
+        :mod:`twostage.train.learned`); returns what it recorded."""
+        from twostage.train.learned import fit_ranker
+
+        record = fit_ranker(self.project, split or self.default_split())
+        self._changed("models")
+        return record
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(
         self,

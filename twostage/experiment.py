@@ -27,10 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Lists = list[list[tuple[str, float]]]
-# b − a comparisons reported: stage 2 against stage 1, stage 1 against each baseline
-PAIRS = [("recall", "rerank")] + [
-    (b, "recall") for b in ("popularity", "bm25", "zero-shot", "recall-no-prior", "recall-dense")
-]
+# b − a comparisons reported: stage 2 against stage 1 and against each baseline, stage 1 against each baseline
+BASELINES = ("popularity", "bm25", "ease", "zero-shot", "recall-no-prior", "recall-dense")
+PAIRS = [("recall", "rerank")] + [(b, "recall") for b in BASELINES] + [(b, "rerank") for b in BASELINES]
 
 
 def _timed(fn: Callable[[], Lists]) -> tuple[Lists, float]:
@@ -82,6 +81,10 @@ def run_evaluation(
     rankings: list[tuple[str, Lists, float]] = []
     if baselines:
         rankings.append(_baseline(store, pipe, kind, split, requests, depth))
+        if kind == "user" and pipe.counts.items is not None:  # the items channel alone: EASE
+            items = pipe.counts.items
+            lists = _timed(lambda: [items.top(r.history, depth, r.exclude) for r in requests])
+            rankings.append(("ease", *lists))
         zero = zero_shot() if zero_shot is not None else None
         if zero is not None:
             lists = _timed(lambda: _ranked(zero, requests, depth, progress, stage="recall"))
@@ -92,13 +95,14 @@ def run_evaluation(
         plain = pipe.with_settings(popularity_weight=0.0)
         lists = _timed(lambda: _ranked(plain, requests, depth, progress, stage="recall"))
         rankings.append(("recall-no-prior", *lists))
-    if pipe.hybrid:  # stage 1 without its BM25 channel, beside BM25 alone (the baseline) and the hybrid
-        dense = pipe.with_settings(lexical_weight=0.0)
+    if pipe.hybrid or pipe.settings.items_weight > 0:
+        # stage 1 without its BM25 or EASE channel, beside that channel alone (a baseline) and the fusion
+        dense = pipe.with_settings(lexical_weight=0.0, items_weight=0.0)
         rankings.append(
             ("recall-dense", *_timed(lambda: _ranked(dense, requests, depth, progress, stage="recall")))
         )
     rankings.append(recall)
-    if pipe.reranker is not None:  # its time is stage 2's alone: stage 1's lists are remembered
+    if pipe.reranker is not None or pipe.learned is not None:  # stage 2's time alone: stage 1's is remembered
         rankings.append(("rerank", *_timed(lambda: _ranked(pipe, requests, depth, progress))))
 
     beyond = _beyond_fn(store, pipe, kind, split, part)

@@ -29,12 +29,15 @@ from twostage.config import IndexConfig, RerankerConfig, RetrieverConfig
 from twostage.cowatch import shared_history
 from twostage.errors import ConfigError, NotFoundError, TwostageError
 from twostage.explain import explain_hits
-from twostage.ranker import LEXICAL_FUSIONS, Candidate, fuse, fuse_channels, mmr
+from twostage.features import candidate_features
+from twostage.ranker import LEXICAL_FUSIONS, TIE_DECIMALS, Candidate, fuse, fuse_channels, mmr
 from twostage.requests import Request, user_text
 from twostage.results import Hit, Ranking
 
 if TYPE_CHECKING:
     from twostage.index import VectorIndex
+    from twostage.itemitem import ItemItem
+    from twostage.ltr import LearnedRanker
     from twostage.requests import Catalogue
     from twostage.text import UserTemplate
 
@@ -80,6 +83,7 @@ class Settings:
     cowatch_weight: float = 0.0
     lexical_weight: float = 0.0
     lexical_fusion: str = RetrieverConfig.lexical_fusion
+    items_weight: float = 0.0
     popularity_weight: float = RetrieverConfig.popularity_weight
     popularity_pool: int = RetrieverConfig.popularity_pool
     popularity_pool_factor: int = RetrieverConfig.popularity_pool_factor
@@ -99,7 +103,7 @@ class Settings:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be at least 1, got {getattr(self, key)}", key=key)
-        for key in ("fusion_weight", "lexical_weight"):
+        for key in ("fusion_weight", "lexical_weight", "items_weight"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"must be between 0 and 1, got {getattr(self, key)}", key=key)
         if self.lexical_fusion not in LEXICAL_FUSIONS:
@@ -118,11 +122,13 @@ class Settings:
 class LogCounts:
     """What a pipeline reads from the event log, counted up to one moment (all events when serving, the
     events before a split's cut-offs when evaluating): users per item, each item's co-watched items, and the
-    item texts stage 2 reads (which may quote the co-watch lists; None = the catalogue's texts)."""
+    item texts stage 2 reads (which may quote the co-watch lists; None = the catalogue's texts), and the EASE
+    item-to-item weights of the items recall channel and the learned ranker's features (None = not fit)."""
 
     popularity: Mapping[str, float] = field(default_factory=dict)
     cowatched: Mapping[str, Sequence[str]] = field(default_factory=dict)
     rerank_texts: Mapping[str, str] | None = None
+    items: ItemItem | None = None
 
 
 def _new_version() -> str:
@@ -149,6 +155,7 @@ class Pipeline:
     reranker: PairScorer | None = None
     counts: LogCounts = field(default_factory=LogCounts)
     lexical: LexicalSearch | None = None
+    learned: LearnedRanker | None = None
     version: str = field(default_factory=_new_version)
     # memoized() pipelines remember their stage-1 lists here (shared by their variants)
     recall_memo: dict | None = field(default=None, repr=False)
@@ -191,14 +198,24 @@ class Pipeline:
         """True when stage 1 fuses the lexical channel with the dense one (a channel and a weight above 0)."""
         return self.lexical is not None and self.settings.lexical_weight > 0.0
 
+    def items_channel(self, request: Request) -> bool:
+        """True when stage 1 fuses the EASE item-to-item channel for ``request``: it has a history, the
+        pipeline has weights fit from the log and a weight above 0."""
+        return bool(request.history) and self.counts.items is not None and self.settings.items_weight > 0.0
+
     @property
     def runs_reranker(self) -> bool:
-        """True when the cross-encoder can change an order: it is loaded and its fusion weight is above 0."""
+        """True when the cross-encoder can change an order: it is loaded and its fusion weight is above 0 (with
+        a learned ranker: its score is one of the ranker's features)."""
+        if self.learned is not None:
+            return self.reranker is not None and self.learned.uses_reranker
         return self.reranker is not None and self.settings.fusion_weight < 1.0
 
     def reorders(self, request: Request) -> bool:
-        """True when stage 2 can change stage 1's order for ``request``: the cross-encoder runs, or co-watch
-        scores are fused and the request has a history to overlap."""
+        """True when stage 2 can change stage 1's order for ``request``: a learned ranker always can; else the
+        cross-encoder runs, or co-watch scores are fused and the request has a history to overlap."""
+        if self.learned is not None:
+            return True
         if self.reranker is None:
             return False
         cowatch = self.settings.cowatch_weight > 0.0 and bool(self.counts.cowatched) and bool(request.history)
@@ -265,8 +282,10 @@ class Pipeline:
             )
         )
         rankings = []
-        for request, cands, stage2 in zip(requests, candidates, staged, strict=True):
-            ordered = next(reranked) if stage2 else [_Ranked(i, s, s, None, "recall") for i, s in cands]
+        for request, recalled, stage2 in zip(requests, candidates, staged, strict=True):
+            ordered = (
+                next(reranked) if stage2 else [_Ranked(i, s, s, None, "recall") for i, s in recalled.hits]
+            )
             if lam is not None and lam < 1.0:
                 ordered = self._diversify(ordered, lam)
             top = ordered[:k]
@@ -287,19 +306,24 @@ class Pipeline:
             rankings.append(Ranking(request.request_id, request.text, hits, self.version))
         return rankings
 
+    def recall(self, requests: Sequence[Request], depth: int, *, progress: bool = False) -> list[_Recalled]:
+        """Stage 1 alone, as :meth:`rank` runs it: each request's top ``depth`` candidates and its vector
+        (training the learned ranker reads exactly what serving will rank)."""
+        return self._recall(requests, depth, progress)
+
     # ------------------------------------------------------------------ its steps
-    def _recall(
-        self, requests: Sequence[Request], depth: int, progress: bool
-    ) -> list[list[tuple[str, float]]]:
+    def _recall(self, requests: Sequence[Request], depth: int, progress: bool) -> list[_Recalled]:
         """Top-``depth`` stage-1 candidates per request, excluding each request's ``exclude`` items.
 
-        With ``popularity_weight`` β > 0 the score is ``cos(q, i) + β · ln(1 + users(i))``: a popularity prior
-        that undoes the bias of in-batch negatives (a popular item is another example's positive more often,
-        so MultipleNegativesRankingLoss learns to push it down; this is the logQ correction of sampled
+        With ``popularity_weight`` β > 0 the dense score is ``cos(q, i) + β · ln(1 + users(i))``: a popularity
+        prior that undoes the bias of in-batch negatives (a popular item is another example's positive more
+        often, so MultipleNegativesRankingLoss learns to push it down; this is the logQ correction of sampled
         softmax, applied at serving time). FAISS is searched deeper (``popularity_pool_factor`` ×
-        ``recall_depth``, at least ``popularity_pool``, whatever ``k``) and the candidates re-sorted, so popular
-        items outside the cosine top-depth can come in (on ml-latest-small, validation Recall@100 was 0.21 with
-        a 300-deep search and 0.29 with 1,000). A memoized pipeline remembers each request's lists.
+        ``recall_depth``, at least ``popularity_pool``, whatever ``k``) and the candidates re-sorted, so
+        popular items outside the cosine top-depth can come in (on ml-latest-small, validation Recall@100 was
+        0.21 with a 300-deep search and 0.29 with 1,000). The lexical (BM25) and items (EASE) channels are
+        then fused into the head of that list (:meth:`_fuse`). A memoized pipeline remembers each request's
+        lists.
         """
         beta, popularity = self.settings.popularity_weight, self.counts.popularity
         prior = beta > 0 and bool(popularity)
@@ -313,6 +337,9 @@ class Pipeline:
             if self.hybrid
             else None
         )
+        items = (
+            (self.settings.items_weight, id(self.counts.items)) if self.settings.items_weight > 0 else None
+        )
         key = (
             depth,
             search,
@@ -321,52 +348,59 @@ class Pipeline:
             id(self.index),
             id(self.encoder),
             lexical,
+            items,
         )
-        todo = [r for r in requests if memo is None or (key, r.text, r.exclude) not in memo]
+        todo = [r for r in requests if memo is None or (key, r.text, r.exclude, r.history) not in memo]
         found = self._search(todo, depth, search, prior, progress) if todo else []
         if memo is None:
             return found
-        memo.update({(key, r.text, r.exclude): hits for r, hits in zip(todo, found, strict=True)})
-        return [memo[(key, r.text, r.exclude)] for r in requests]
+        memo.update({(key, r.text, r.exclude, r.history): hits for r, hits in zip(todo, found, strict=True)})
+        return [memo[(key, r.text, r.exclude, r.history)] for r in requests]
 
     def _search(
         self, requests: Sequence[Request], depth: int, search: int, prior: bool, progress: bool
-    ) -> list[list[tuple[str, float]]]:
+    ) -> list[_Recalled]:
         vecs = self.encoder.encode([r.text for r in requests], progress=progress)
         exclude = [r.exclude for r in requests] if any(r.exclude for r in requests) else None
-        pool = search if prior else depth
-        found = self.index.search(vecs, pool, exclude=exclude)
-        if self.hybrid:
-            found = self._fuse_lexical(requests, found)
-        if not prior:  # equal scores in item-id order: FAISS's order among ties is its heap's
-            return [sorted(hits, key=lambda x: (-x[1], x[0]))[:depth] for hits in found]
-        beta, popularity = self.settings.popularity_weight, self.counts.popularity
-        out = []
-        for hits in found:
-            rescored = [(i, s + beta * math.log1p(popularity.get(i, 0.0))) for i, s in hits]
-            rescored.sort(key=lambda x: (-x[1], x[0]))
-            out.append(rescored[:depth])
-        return out
-
-    def _fuse_lexical(
-        self, requests: Sequence[Request], dense: list[list[tuple[str, float]]]
-    ) -> list[list[tuple[str, float]]]:
-        """Each request's dense list with the lexical channel fused into its head.
-
-        Both channels give their top ``recall_depth`` (fixed by the settings, never by ``k``, so a top k stays
-        the head of any longer list) and :func:`fuse_channels` ranks their union; dense hits deeper than that
-        (when ``k`` asks for more) follow in their own order, below every fused score."""
+        found = self.index.search(vecs, search if prior else depth, exclude=exclude)
+        if prior:
+            beta, popularity = self.settings.popularity_weight, self.counts.popularity
+            found = [[(i, s + beta * math.log1p(popularity.get(i, 0.0))) for i, s in hits] for hits in found]
+        # equal scores in item-id order: FAISS's order among ties is its heap's
+        found = [sorted(hits, key=lambda x: (-x[1], x[0])) for hits in found]
         pool = self.settings.recall_depth
-        out = []
-        for hits, lexical in zip(dense, self._lexical_search(requests, pool), strict=True):
-            head = sorted(hits, key=lambda x: (-x[1], x[0]))
-            fused = fuse_channels(
-                head[:pool], lexical, weight=self.settings.lexical_weight, method=self.settings.lexical_fusion
-            )
-            seen, floor = {i for i, _ in fused}, min((sc for _, sc in fused), default=0.0)
-            deeper = [i for i, _ in head[pool:] if i not in seen]
-            out.append(fused + [(i, floor - 1.0 - n) for n, i in enumerate(deeper)])
-        return out
+        if self.hybrid:
+            lexical = self._lexical_search(requests, pool)
+            weight, method = self.settings.lexical_weight, self.settings.lexical_fusion
+            found = [self._fuse(h, o, weight, method) for h, o in zip(found, lexical, strict=True)]
+        if self.settings.items_weight > 0 and self.counts.items is not None:
+            weight = self.settings.items_weight
+            found = [
+                self._fuse(h, self._items_search(r, pool), weight, "convex") if self.items_channel(r) else h
+                for h, r in zip(found, requests, strict=True)
+            ]
+        return [_Recalled(hits[:depth], vec) for hits, vec in zip(found, vecs, strict=True)]
+
+    def _fuse(
+        self, head: list[tuple[str, float]], other: list[tuple[str, float]], weight: float, method: str
+    ) -> list[tuple[str, float]]:
+        """A request's stage-1 list (best first) with another channel's list fused into its head.
+
+        Both give their top ``recall_depth`` (fixed by the settings, never by ``k``, so a top k stays the
+        head of any longer list) and :func:`fuse_channels` ranks their union; hits deeper than that (when
+        ``k`` asks for more) follow in their own order, below every fused score."""
+        pool = self.settings.recall_depth
+        fused = fuse_channels(head[:pool], other, weight=weight, method=method)
+        seen, floor = {i for i, _ in fused}, min((sc for _, sc in fused), default=0.0)
+        deeper = [i for i, _ in head[pool:] if i not in seen]
+        return fused + [(i, floor - 1.0 - n) for n, i in enumerate(deeper)]
+
+    def _items_search(self, request: Request, k: int) -> list[tuple[str, float]]:
+        """The items channel's top ``k`` for a request's history, among the indexed items and without its
+        excluded ones (ties in item-id order)."""
+        unindexed = max(0, len(self.catalogue) - self.index.count)
+        hits = self.counts.items.top(request.history, k + unindexed, request.exclude)  # type: ignore[union-attr]
+        return [(i, s) for i, s in hits if i in self.index][:k]
 
     def _lexical_search(self, requests: Sequence[Request], k: int) -> list[list[tuple[str, float]]]:
         """The lexical channel's top ``k`` per request among the indexed items and without the request's
@@ -383,17 +417,18 @@ class Pipeline:
             for r, hits in zip(requests, lists, strict=True)
         ]
 
-    def _rerank(
-        self, batch: Sequence[tuple[Request, list[tuple[str, float]]]], progress: bool
-    ) -> list[list[_Ranked]]:
+    def _rerank(self, batch: Sequence[tuple[Request, _Recalled]], progress: bool) -> list[list[_Ranked]]:
         """Each request's candidates with the top ``rerank_depth`` reordered by the fused score, the rest below
         in stage-1 order, scored under the head so ranks and scores agree. All pairs of the batch are scored in
-        one cross-encoder pass; with fusion weight 1 the cross-encoder cannot change the order and is not run."""
+        one cross-encoder pass; with fusion weight 1 the cross-encoder cannot change the order and is not run.
+        A learned ranker orders the head by its own score instead (:meth:`_rank_learned`)."""
+        if self.learned is not None:
+            return self._rank_learned(batch, progress)
         depth = min(self.settings.rerank_depth, self.settings.recall_depth)  # never more because k asks more
         cowatched = bool(self.counts.cowatched)
         heads = [
-            [Candidate(i, s, len(self.watched_with(r, i)) if cowatched else 0) for i, s in cands[:depth]]
-            for r, cands in batch
+            [Candidate(i, s, len(self.watched_with(r, i)) if cowatched else 0) for i, s in rec.hits[:depth]]
+            for r, rec in batch
         ]
         sizes = [len(h) for h in heads]
         if self.runs_reranker and sum(sizes):
@@ -407,7 +442,8 @@ class Pipeline:
             scores = np.full(sum(sizes), np.nan)
         starts = np.cumsum([0, *sizes])
         out = []
-        for (_, cands), head, start in zip(batch, heads, starts[:-1], strict=True):
+        for (_, recalled), head, start in zip(batch, heads, starts[:-1], strict=True):
+            cands = recalled.hits
             fused = fuse(
                 head,
                 scores[start : start + len(head)],
@@ -428,6 +464,51 @@ class Pipeline:
             floor = min((h.score for h in fused), default=0.0)
             ranked += [
                 _Ranked(i, floor - 1.0 - n, s, None, "recall") for n, (i, s) in enumerate(cands[depth:])
+            ]
+            out.append(ranked)
+        return out
+
+    def _rank_learned(
+        self, batch: Sequence[tuple[Request, _Recalled]], progress: bool
+    ) -> list[list[_Ranked]]:
+        """Each request's top ``rerank_depth`` candidates ordered by the learned ranker's score over their
+        :func:`~twostage.features.candidate_features` (ties by stage-1 rank, then item id), the rest below in
+        stage-1 order. The cross-encoder runs, on all pairs of the batch at once, only when its score is one
+        of the ranker's features."""
+        learned = self.learned
+        assert learned is not None
+        depth = min(self.settings.rerank_depth, self.settings.recall_depth)
+        heads = [rec.hits[:depth] for _, rec in batch]
+        sizes = [len(h) for h in heads]
+        scores = None
+        if self.runs_reranker and sum(sizes):
+            pairs = [
+                (r.text, self.rerank_text(i))
+                for (r, _), head in zip(batch, heads, strict=True)
+                for i, _ in head
+            ]
+            scores = np.asarray(self.reranker.score(pairs, progress=progress), dtype=np.float64)  # type: ignore[union-attr]
+        starts = np.cumsum([0, *sizes])
+        out = []
+        for (request, recalled), head, start in zip(batch, heads, starts[:-1], strict=True):
+            rerank = scores[start : start + len(head)] if scores is not None else None
+            rows = candidate_features(self, request, head, recalled.vector, learned.features, rerank)
+            key = np.round(learned.score(rows), TIE_DECIMALS)
+            order = sorted(range(len(head)), key=lambda j: (-key[j], j, head[j][0]))
+            ranked = [
+                _Ranked(
+                    head[j][0],
+                    float(key[j]),
+                    head[j][1],
+                    None if rerank is None else float(rerank[j]),
+                    "rerank",
+                )
+                for j in order
+            ]
+            floor = min((r.score for r in ranked), default=0.0)
+            ranked += [
+                _Ranked(i, floor - 1.0 - n, s, None, "recall")
+                for n, (i, s) in enumerate(recalled.hits[depth:])
             ]
             out.append(ranked)
         return out
@@ -509,6 +590,14 @@ class _MemoScorer:
             self.scores.update(zip(new, np.asarray(self.scorer.score(new, progress=progress)), strict=True))
             self.scored += len(new)
         return np.asarray([self.scores[p] for p in pairs], dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class _Recalled:
+    """One request's stage-1 list (best first) and its bi-encoder vector (the learned ranker's ``dense``)."""
+
+    hits: list[tuple[str, float]]
+    vector: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from twostage.config import Config
     from twostage.encoders import BiEncoder
     from twostage.index import VectorIndex
+    from twostage.itemitem import ItemItem
+    from twostage.ltr import LearnedRanker
     from twostage.rerank import Reranker
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ _READS = {
     "lexical": {"items"},
     "rerank_texts": {"items", "events", "splits"},
     "cowatch": {"events", "splits"},
+    "items": {"events", "splits"},
+    "learned": {"models"},
     "popularity": {"events", "splits"},
     "encoder": {"models"},
     "reranker": {"models"},
@@ -431,12 +435,51 @@ class Project:
             return render()
         return self._memo.get(("rerank_texts", split if cowatched else None), render)
 
+    def _ease_options(self) -> Any:
+        from twostage.itemitem import EaseOptions
+
+        cfg = self.config.ranker
+        return EaseOptions(
+            reg=cfg.ease_reg,
+            neighbours=cfg.ease_neighbours,
+            max_items=cfg.ease_max_items,
+            min_users=cfg.ease_min_users,
+            recent_items=cfg.ease_recent_items,
+        )
+
+    def item_model(self, split: str | None = None) -> ItemItem | None:
+        """EASE item-to-item weights fit on the events before ``split``'s cut-offs (all events when None),
+        stored in ``counts/``; None when ``[ranker] items_channel = "none"`` or the store has no events."""
+        if self.config.ranker.items_channel == "none":
+            return None
+
+        def fit() -> ItemItem | None:
+            return self.item_model_folds(split, [()])[0] if self.store.count("events") else None
+
+        return self._memo.get(("items", split), fit)
+
+    def item_model_folds(self, split: str | None, folds: Sequence[Iterable[str]]) -> list[ItemItem]:
+        """:meth:`item_model` without each of the disjoint user sets ``folds`` (learned ranker training)."""
+        from twostage.itemitem import cached_item_models
+
+        return cached_item_models(self.store, self.root / "counts", folds, self._ease_options(), split=split)
+
+    def learned_ranker(self) -> LearnedRanker | None:
+        """The trained learned ranker (``models/ranker``), or None (not trained, or ``[ranker] learned = "off"``)."""
+        from twostage.ltr import LearnedRanker
+
+        path = self.models_dir("ranker")
+        if self.config.ranker.learned == "off" or not path.exists():
+            return None
+        return self._memo.get(("learned",), lambda: LearnedRanker.load(path))
+
     def popularity(self, split: str | None = None) -> dict[str, int]:
         return self._memo.get(("popularity", split), lambda: self.store.popularity(split))
 
     # ------------------------------------------------------------------ pipelines
-    def settings(self, *, with_reranker: bool) -> Settings:
-        """Serving settings: the config's, else those tuned when the reranker was trained, else the defaults."""
+    def settings(self, *, with_reranker: bool, learned: LearnedRanker | None = None) -> Settings:
+        """Serving settings: the config's, else those tuned when the reranker (or the learned ranker) was
+        trained, else the defaults."""
         cfg, record = self.config.reranker, self.reranker_record() if with_reranker else {}
         tuned_depth = record.get("rerank_depth")
         if cfg.serve_depth is not None:
@@ -455,9 +498,19 @@ class Project:
         lexical = retriever.lexical_weight
         if lexical is None:  # chosen on validation when the reranker was trained (its record), else none
             lexical = float((record or self.reranker_record()).get("lexical_weight") or 0.0)
+        items = self.config.ranker.items_weight
+        if learned is not None:  # the learned ranker's stage 1 and depth are those it was trained on
+            depth = min(int(learned.record.get("depth") or self.config.ranker.depth), self.config.index.depth)
+            if items is None:
+                items = float(learned.record.get("items_weight") or 0.0)
+            if retriever.lexical_weight is None:
+                lexical = float(learned.record.get("lexical_weight") or 0.0)
+        if self.config.ranker.items_channel == "none":
+            items = 0.0
         return Settings(
             recall_depth=self.config.index.depth,
             rerank_depth=depth,
+            items_weight=items or 0.0,
             fusion_weight=fusion,
             lexical_weight=lexical,
             lexical_fusion=retriever.lexical_fusion,
@@ -473,13 +526,13 @@ class Project:
 
     def pipeline(self, split: str | None = None, *, all_counts: bool = False) -> Pipeline:
         """The project's models, index and settings, reading the log as of ``split`` (see :meth:`counted`)."""
-        reranker = self.reranker()
+        reranker, learned = self.reranker(), self.learned_ranker()
         if reranker is None and self.config.reranker.cowatch_weight and self.config.reranker.enabled:
             self._warn_once(
                 "[reranker] cowatch_weight is set but there is no reranker: co-watch scores are fused in "
                 "stage 2, which needs a trained reranker (twostage train reranker)"
             )
-        settings = self.settings(with_reranker=reranker is not None)
+        settings = self.settings(with_reranker=reranker is not None, learned=learned)
         pipe = Pipeline(
             encoder=self.retriever(),
             index=self.index(),
@@ -488,6 +541,7 @@ class Project:
             settings=settings,
             reranker=reranker,
             lexical=self.lexical_channel(settings.lexical_weight),
+            learned=learned,
         )
         return self.counted(pipe, split, all_counts=all_counts)
 
@@ -500,15 +554,22 @@ class Project:
         """``pipe`` reading the log as of ``split``'s cut-offs (a recommendation split; otherwise, and when None,
         every event): what its settings use of popularity, co-watch lists and stage-2 texts. ``all_counts``
         counts everything even when unused (training a reranker, tuning settings)."""
-        at, settings = self._at(split), pipe.settings
+        at, settings, learned = self._at(split), pipe.settings, pipe.learned
+        reads = set(learned.features) if learned is not None else set()
         stage2 = all_counts or pipe.reranker is not None
-        cowatch = stage2 and (all_counts or settings.cowatch_weight > 0)
+        cowatch = (
+            all_counts
+            or (stage2 and settings.cowatch_weight > 0)
+            or bool(reads & {"cowatch", "cowatch_recency"})
+        )
         popularity = all_counts or settings.popularity_weight > 0
+        items = all_counts or settings.items_weight > 0 or bool(reads & {"items", "popularity"})
         return pipe.replace(
             counts=LogCounts(
                 popularity=self.popularity(at) if popularity else {},
                 cowatched=self.cowatch_lists(at) if cowatch else {},
                 rerank_texts=self.rerank_texts(at) if stage2 else None,
+                items=self.item_model(at) if items else None,
             )
         )
 

@@ -66,6 +66,7 @@ class Catalogue:
         self.item_ids = list(self.records)
         self.template = template
         self.texts = ItemTexts(self.records, lambda rec: render_item(rec, template))
+        self._categories: dict[str, set[str]] | None = None
 
     @classmethod
     def from_store(cls, store: Store, template: str) -> Catalogue:
@@ -117,7 +118,10 @@ class Catalogue:
         return ItemTexts(self.records, render)
 
     def categories(self) -> dict[str, set[str]]:
-        return {i: set(r.get("categories") or []) for i, r in self.records.items()}
+        """Each item's categories (computed once: the catalogue never changes)."""
+        if self._categories is None:
+            self._categories = {i: set(r.get("categories") or []) for i, r in self.records.items()}
+        return self._categories
 
 
 def user_text(history: Sequence[str], catalogue: Catalogue, config: UserTemplate) -> str:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from twostage.atomic import file_sha256, write_file
 from twostage.config import TextConfig
 from twostage.errors import InputError, NotFoundError
+from twostage.itemitem import read_item_model, write_item_model
+from twostage.ltr import LearnedRanker
 from twostage.pipeline import LogCounts, Pipeline, Settings
 from twostage.requests import Catalogue
 
@@ -118,6 +120,10 @@ def publish(project: Project) -> dict[str, Any]:
         )
         if counts.rerank_texts is not None:
             _write_map(staged / "rerank_texts.parquet", "text", dict(counts.rerank_texts))
+        if counts.items is not None:
+            write_item_model(staged / "ease.npz", counts.items)
+        if pipe.learned is not None:
+            pipe.learned.save(staged / "ranker")
         _link_tree(project.index_dir(), staged / "index")
         models = {
             "retriever": _freeze_model(
@@ -273,10 +279,17 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
     rerank_texts = (
         _read_map(root / "rerank_texts.parquet", "text") if (root / "rerank_texts.parquet").exists() else None
     )
+    ease = None
+    if (root / "ease.npz").exists():
+        ease = read_item_model(root / "ease.npz")
+        if ease is None:
+            raise InputError("unreadable EASE weights; publish again", file=str(root / "ease.npz"))
+    learned = LearnedRanker.load(root / "ranker") if (root / "ranker").exists() else None
     counts = LogCounts(
         popularity=_read_map(root / "popularity.parquet", "users"),
         cowatched={i: tuple(v) for i, v in _read_map(root / "cowatched.parquet", "cowatched").items()},
         rerank_texts=rerank_texts,
+        items=ease,
     )
     served = Settings(**settings["settings"])
     lexical = None
@@ -293,6 +306,7 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
         reranker=reranker,
         counts=counts,
         lexical=lexical,
+        learned=learned,
         version=snapshot_id,
     )
     table = pq.read_table(root / "histories.parquet").to_pydict()
