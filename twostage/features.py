@@ -44,6 +44,7 @@ class Ranking(Protocol):
 
     def watched_with(self, request: Request, item_id: str) -> list[str]: ...
 
+
 # the features that need a model pass beyond stage 1's (dropped first when they earn nothing)
 COSTLY = ("rerank",)
 
