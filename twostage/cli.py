@@ -695,6 +695,12 @@ def _print_eval(result) -> None:
             click.echo(
                 f"{c['b']} vs {c['a']}: {c['metric']} {c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] p={c['p_value']:.3g}"
             )
+    cold = result.extra.get("cold_start")
+    if cold:
+        click.echo(f"cold-start slice ({cold['definition']}): {cold['n_requests']} requests")
+        for name, means in cold["rows"].items():
+            shown = "  ".join(f"{m} {means[m]:.4f}" for m in ("nDCG@10", "R@10", "R@100") if m in means)
+            click.echo(f"  {name:16} {shown}")
 
 
 @cli.command()

@@ -228,6 +228,7 @@ FEATURES = (
     "dense",
     "lexical",
     "items",
+    "items_recent",
     "cowatch",
     "cowatch_recency",
     "popularity",

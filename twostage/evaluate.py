@@ -11,7 +11,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,15 @@ class StageMetrics:
     per_request: dict[str, np.ndarray] = field(repr=False, compare=False)
     beyond: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None
+    request_ids: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def subset(self, name: str, keep: Collection[str]) -> StageMetrics:
+        """The same ranking's metrics over the requests in ``keep`` only (a slice of the evaluated requests)."""
+        mask = np.asarray([r in keep for r in self.request_ids], dtype=bool)
+        per_request = {label: v[mask] for label, v in self.per_request.items()}
+        means = {label: float(np.mean(v)) if len(v) else 0.0 for label, v in per_request.items()}
+        ids = tuple(r for r, m in zip(self.request_ids, mask, strict=True) if m)
+        return StageMetrics(name, self.run_id, self.stage, len(ids), means, per_request, {}, None, ids)
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,9 @@ def evaluate_ranking(
         else {}
     )
     _write_metrics(store, run_id, name, request_ids, values, extra)
-    return StageMetrics(name, run_id, stage, len(request_ids), means, per_request, extra, seconds)
+    return StageMetrics(
+        name, run_id, stage, len(request_ids), means, per_request, extra, seconds, tuple(request_ids)
+    )
 
 
 def _write_metrics(

@@ -8,7 +8,8 @@ LightGBM treats as missing.
 - ``stage1``, ``stage1_rank``: the fused stage-1 score and the candidate's rank in stage 1's list;
 - ``dense``: the bi-encoder's cosine of request and item;
 - ``lexical``: the candidate's BM25 score (hybrid search);
-- ``items``: the EASE item-to-item score from the request's history (see :mod:`twostage.itemitem`);
+- ``items``, ``items_recent``: the EASE item-to-item score from the request's whole history and from its
+  recent items only (``[text] history_size``; what comes next follows the latest items most);
 - ``cowatch``: how many recent history items are co-watched with it; ``cowatch_recency``: 1/position of the
   newest such history item (1 = the latest one), the interactions since the user last took a similar item;
 - ``popularity``: ln(1 + users) of the item, counted from the same users as ``items``;
@@ -54,6 +55,7 @@ def available(pipe: Ranking) -> tuple[str, ...]:
     have = {
         "lexical": pipe.lexical is not None,
         "items": pipe.counts.items is not None,
+        "items_recent": pipe.counts.items is not None,
         "cowatch": bool(pipe.counts.cowatched),
         "cowatch_recency": bool(pipe.counts.cowatched),
         "popularity": pipe.counts.items is not None or bool(pipe.counts.popularity),
@@ -99,6 +101,8 @@ def candidate_features(
     items = pipe.counts.items
     if "items" in column and items is not None and history:
         put("items", items.scores(history, ids))
+    if "items_recent" in column and items is not None and recent:
+        put("items_recent", items.scores(recent, ids))
     if pipe.counts.cowatched and recent and ("cowatch" in column or "cowatch_recency" in column):
         position = {h: p for p, h in reversed(list(enumerate(dict.fromkeys(recent), start=1)))}
         shared = [pipe.watched_with(request, i) for i in ids]
