@@ -125,7 +125,10 @@ def test_train_ranker_records_its_choices_and_the_pipeline_ranks_with_it(trained
     assert json.loads(runs[0][0])["resolved"]["ranker.items_weight"] == record["items_weight"]
 
 
-def test_evaluate_scores_what_recommend_returns_with_the_learned_ranker(trained):
+def test_evaluate_scores_what_recommend_returns_with_the_learned_ranker(trained, monkeypatch):
+    from twostage import experiment
+
+    monkeypatch.setattr(experiment, "COLD_USERS", 3)  # the tiny log has no item with 5 users
     project, _ = trained
     engine = Engine.open(project)
     split = engine.default_split()
@@ -138,6 +141,15 @@ def test_evaluate_scores_what_recommend_returns_with_the_learned_ranker(trained)
         "ORDER BY request_id, rank",
         [report.extra["run_id"]],
     )
+    assert "itemknn" in names and any(c["a"] == "itemknn" and c["b"] == "rerank" for c in report.comparisons)
+    popularity = engine.store.popularity(split)
+    targets = engine.store.targets(split, "test")
+    cold = {q for q, t in targets.items() if any(popularity.get(i, 0) < 3 for i in t)}
+    slice_ = report.extra["cold_start"]
+    assert slice_["n_requests"] == len(cold) and 0 < len(cold) < len(targets)
+    rerank = next(r for r in report.rows if r.name == "rerank")
+    kept = [n for n, q in enumerate(rerank.request_ids) if q in cold]
+    assert slice_["rows"]["rerank"]["nDCG@10"] == pytest.approx(rerank.per_request["nDCG@10"][kept].mean())
     user = stored[0][0]
     served = engine.recommend(user, k=5, split=split).item_ids()
     assert served == [i for u, i in stored if u == user]
@@ -172,3 +184,12 @@ def test_features_are_nan_where_they_do_not_apply(trained):
 def test_items_model_has_no_rows_for_items_nobody_took_together():
     empty = ItemItem(("a",), __import__("scipy.sparse").sparse.csr_matrix((1, 1), dtype=np.float32))
     assert empty.top(["a"], 3) == [] and empty.scores(["zzz"], ["a"]).tolist() == [0.0]
+
+
+def test_itemknn_baseline_links_items_of_the_same_users():
+    from twostage.logbaselines import fit_itemknn
+
+    users, items = _pairs([[0, 1], [0, 1], [0, 1, 4], [2, 3], [2, 3], [2, 3, 4]])
+    knn = fit_itemknn(["a", "b", "c", "d", "e"], users, items, k=2)
+    assert knn.top(["a"], 1)[0][0] == "b" and knn.top(["c"], 1)[0][0] == "d"
+    assert max(np.diff(knn.weights.indptr)) <= 2 and knn.weights.diagonal().sum() == 0
