@@ -118,7 +118,7 @@ def test_evaluate_writes_metrics_and_compares(trained_project, tmp_path):
     engine = Engine.open(trained_project)
     report = engine.evaluate(report=tmp_path / "r.html", mmr_lambdas=(0.5,))
     names = [r.name for r in report.rows]
-    assert names[:2] == ["popularity", "zero-shot"]
+    assert names[:3] == ["popularity", "itemknn", "zero-shot"]
     assert "recall" in names and "rerank" in names
     for row in report.rows:
         assert row.n_requests == 24

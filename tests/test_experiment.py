@@ -47,7 +47,7 @@ def _stored(store: Store, run_id: str, stage: str) -> dict[str, list[str]]:
 def test_every_stored_ranking_is_what_the_pipeline_serves_at_the_cut_off(store):
     pipe = _pipe(store)
     report = run_evaluation(store, pipe, config=_config(), split=SPLIT, part="test", mmr_lambdas=(0.5,))
-    assert [r.name for r in report.rows] == ["popularity", "recall", "rerank"]
+    assert [r.name for r in report.rows] == ["popularity", "itemknn", "recall", "rerank"]
     assert all(r.n_requests == 30 for r in report.rows)
     run_id = report.extra["run_id"]
     cutoffs = store.cutoffs(SPLIT, "test")
@@ -68,7 +68,7 @@ def test_the_zero_shot_and_no_prior_rows_join_when_they_apply(store):
     pipe = _pipe(store, popularity_weight=0.05).replace(counts=LogCounts(popularity=popularity))
     zero = _pipe(store, rerank_depth=1).replace(reranker=None)
     report = run_evaluation(store, pipe, config=_config(), split=SPLIT, part="valid", zero_shot=lambda: zero)
-    assert [r.name for r in report.rows] == ["popularity", "zero-shot", "recall-no-prior", "recall", "rerank"]
+    assert [r.name for r in report.rows] == ["popularity", "itemknn", "zero-shot", "recall-no-prior", "recall", "rerank"]
     pairs = {(c["a"], c["b"]) for c in report.comparisons}
     assert {("zero-shot", "recall"), ("recall-no-prior", "recall")} <= pairs
     # a pipeline without a reranker evaluates stage 1 only, and no baselines when asked

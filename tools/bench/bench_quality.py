@@ -11,13 +11,14 @@ Usage: python tools/bench/bench_quality.py scifact|movielens [--quick]  → tool
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import SHARED_DATA, write
+from common import RESULTS, SHARED_DATA, write
 
 from twostage import Engine
 
@@ -141,7 +142,40 @@ def scifact(quick: bool, root: Path) -> dict[str, Any]:
     }
 
 
-def movielens(quick: bool, root: Path) -> dict[str, Any]:
+PROTOCOLS = {
+    "today": "ml-latest-small leave-last-out (610 users, full ranking over all 9,742 items minus each user's seen)",
+    "published": "ml-latest-small 5-core (users and items), leave-one-out by time, full ranking over the "
+    "remaining items minus each user's seen (LlamaRec's Table 2 protocol, arXiv 2311.02089)",
+}
+
+
+def five_core(source: Path, target: Path, core: int = 5) -> dict[str, int]:
+    """The published protocol's data: users and items with at least ``core`` ratings, filtered again until
+    both hold (every rating an interaction), written as a MovieLens folder."""
+    import pandas as pd
+
+    ratings = pd.read_csv(source / "ratings.csv")
+    while True:
+        items = ratings["movieId"].value_counts()
+        users = ratings["userId"].value_counts()
+        keep = ratings["movieId"].map(items).ge(core) & ratings["userId"].map(users).ge(core)
+        if keep.all():
+            break
+        ratings = ratings[keep]
+    target.mkdir(parents=True, exist_ok=True)
+    ratings.to_csv(target / "ratings.csv", index=False)
+    movies = pd.read_csv(source / "movies.csv")
+    movies[movies["movieId"].isin(ratings["movieId"])].to_csv(target / "movies.csv", index=False)
+    tags = pd.read_csv(source / "tags.csv")
+    tags[tags["movieId"].isin(ratings["movieId"])].to_csv(target / "tags.csv", index=False)
+    return {
+        "users": int(ratings["userId"].nunique()),
+        "items": int(ratings["movieId"].nunique()),
+        "ratings": len(ratings),
+    }
+
+
+def movielens(quick: bool, root: Path, protocol: str, with_reranker: bool) -> dict[str, Any]:
     times: dict[str, float] = {}
     Engine.init(root)
     (root / "twostage.toml").write_text(
@@ -151,33 +185,103 @@ def movielens(quick: bool, root: Path) -> dict[str, Any]:
             rerank_requests=1500 if quick else 2000,
         )
     )
+    data, filtered = SHARED_DATA / "ml-latest-small", None
+    if protocol == "published":
+        filtered = five_core(data, root / "data-5core")
+        data = root / "data-5core"
+        print(f"  5-core: {filtered}", flush=True)
     engine = Engine.open(root)
-    timed(times, "ingest", lambda: engine.datasets_load("movielens", SHARED_DATA / "ml-latest-small"))
+    timed(times, "ingest", lambda: engine.datasets_load("movielens", data))
     engine.split()
     trained = timed(times, "train_retriever", engine.train_retriever)
     timed(times, "index", engine.index_build)
     prior = timed(times, "tune_prior", lambda: tune_prior(engine))
     print(f"  popularity prior on valid: {prior}")
-    engine = Engine.open(root, overrides={"retriever.popularity_weight": prior["best"]})
-    timed(times, "train_reranker", engine.train_reranker)
-    report = timed(times, "evaluate", lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7, 0.5)))
-    ablation = timed(times, "ablation", lambda: stage2_ablation(engine))
-    return {
-        "dataset": "ml-latest-small leave-last-out (610 users, full ranking over unseen items)",
-        "eval": rows(report),
-        "mmr_sweep": report.extra.get("mmr_sweep"),
+    (root / "prior.json").write_text(json.dumps(prior))
+    result: dict[str, Any] = {
+        "protocol": protocol,
+        "dataset": PROTOCOLS[protocol],
+        "five_core": filtered,
         "popularity_prior": prior,
         "retriever_training": {
             "best": trained.best_metric,
             "metrics": dict(trained.metrics),
             "steps": trained.steps,
         },
-        "reranker_training": reranker_record(engine),
-        "stage2_ablation": ablation,
+    }
+    engine = Engine.open(root, overrides={"retriever.popularity_weight": prior["best"]})
+    if with_reranker:
+        timed(times, "train_reranker", engine.train_reranker)
+        result["reranker_training"] = reranker_record(engine)
+    return {**result, **learned_stage2(root, times)}
+
+
+def learned_stage2(root: Path, times: dict[str, float]) -> dict[str, Any]:
+    """Train the learned ranker (and its EASE channel) on the bench project at ``root``, evaluate every
+    ranking with the paired tests, and ablate each feature group and each recall channel (each variant
+    retrained on the same split, chosen on validation as the default is)."""
+    prior = json.loads((root / "prior.json").read_text())
+    overrides = {"retriever.popularity_weight": prior["best"]}
+    engine = Engine.open(root, overrides=overrides)
+    record = timed(times, "train_ranker", engine.train_ranker)
+    engine = Engine.open(root, overrides=overrides)
+    report = timed(times, "evaluate", lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7)))
+    ablation = timed(times, "ablation", lambda: ranker_ablation(root, overrides, record))
+    engine = Engine.open(root, overrides=overrides)
+    engine.train_ranker()  # the default ranker back in place (bench_latency.py serves this project)
+    return {
+        "eval": rows(report),
+        "cold_start": report.extra.get("cold_start"),
+        "mmr_sweep": report.extra.get("mmr_sweep"),
+        "ranker": record,
+        "ablation": ablation,
         "comparisons": report.comparisons,
         "stage_seconds": times,
         "config": engine.config.to_dict(),
     }
+
+
+FEATURE_GROUPS = {
+    "stage-1 score and rank": ("stage1", "stage1_rank"),
+    "bi-encoder cosine": ("dense",),
+    "EASE scores": ("items", "items_recent"),
+    "co-watch": ("cowatch", "cowatch_recency"),
+    "popularity": ("popularity",),
+    "history length": ("history_length",),
+    "category overlap": ("category_overlap",),
+}
+
+
+def ranker_ablation(root: Path, overrides: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """nDCG@10 and R@10 on the test users of the full pipeline with each feature group removed, and with
+    each recall channel removed (the EASE channel: items weight 0; the text channel: items weight 1, so the
+    candidates are EASE's), each retrained on the same split."""
+    from twostage.config import FEATURES
+
+    everything = [f for f in FEATURES if f != "rerank"]
+    variants: dict[str, dict[str, Any]] = {
+        f"without {name}": {"ranker.features": [f for f in everything if f not in group]}
+        for name, group in FEATURE_GROUPS.items()
+    }
+    variants["without the EASE channel (stage 1: bi-encoder only)"] = {"ranker.items_weight": 0.0}
+    variants["without the text channel (stage 1: EASE only)"] = {"ranker.items_weight": 1.0}
+    out = {}
+    for name, change in variants.items():
+        engine = Engine.open(root, overrides={**overrides, **change})
+        trained = engine.train_ranker()
+        engine = Engine.open(root, overrides={**overrides, **change})
+        report = engine.evaluate(baselines=False)
+        values = rows(report)["rerank"]
+        out[name] = {
+            "overrides": change,
+            "features": trained["features"],
+            "valid_ndcg@10": trained["valid_ndcg@10"],
+            "nDCG@10": values["nDCG@10"],
+            "R@10": values["R@10"],
+            "comparison": [c for c in report.comparisons if c["metric"] == "nDCG@10" and c["a"] == "recall"],
+        }
+        print(f"  {name}: nDCG@10 {values['nDCG@10']:.4f} R@10 {values['R@10']:.4f}", flush=True)
+    return out
 
 
 def tune_prior(engine: Engine) -> dict[str, Any]:
@@ -278,14 +382,44 @@ def main() -> None:
     parser.add_argument(
         "--retune", action="store_true", help="with --rerank-only: keep the reranker, tune its serving again"
     )
+    parser.add_argument(
+        "--protocol", choices=sorted(PROTOCOLS), default="today", help="movielens: which evaluation protocol"
+    )
+    parser.add_argument(
+        "--with-reranker",
+        action="store_true",
+        help="movielens: also train the cross-encoder (not a feature by default)",
+    )
+    parser.add_argument(
+        "--ranker-only", action="store_true", help="movielens: reuse the bench project's retriever and index"
+    )
     args = parser.parse_args()
-    root = Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / args.dataset)
+    name = args.dataset if args.dataset == "scifact" else f"movielens-{args.protocol}"
+    root = Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / name)
+    output = f"quality_{args.dataset}" if args.dataset == "scifact" else f"quality_movielens_{args.protocol}"
     if args.rerank_only:
         result = rerank_only(args.dataset, root, args.retune)
+        output = f"quality_{args.dataset}"
+    elif args.ranker_only:
+        previous = (
+            json.loads((RESULTS / f"{output}.json").read_text())
+            if (RESULTS / f"{output}.json").exists()
+            else {}
+        )
+        keep = {k: v for k, v in previous.items() if k not in ("machine", "when", "quick")}
+        result = {
+            **keep,
+            "protocol": args.protocol,
+            "dataset": PROTOCOLS[args.protocol],
+            **learned_stage2(root, {}),
+        }
+    elif args.dataset == "scifact":
+        fresh(root)
+        result = scifact(args.quick, root)
     else:
         fresh(root)
-        result = scifact(args.quick, root) if args.dataset == "scifact" else movielens(args.quick, root)
-    print(write(f"quality_{args.dataset}", {"quick": args.quick, **result}))
+        result = movielens(args.quick, root, args.protocol, args.with_reranker)
+    print(write(output, {"quick": args.quick, **result}))
     for name, values in (result.get("fine_tuned_eval") or result.get("eval")).items():
         print(f"{name:12} nDCG@10 {values.get('nDCG@10', 0):.4f}  R@100 {values.get('R@100', 0):.4f}")
 
