@@ -153,7 +153,7 @@ def test_evaluate_prints_the_table_and_stores_the_run(served, tmp_path):
     stored = engine.sql(f"SELECT count(DISTINCT stage) FROM metrics WHERE run_id = '{data['run_id']}'")[1][0][
         0
     ]
-    assert stored == 4
+    assert stored == 5
     assert engine.sql("SELECT count(*) FROM runs WHERE kind = 'eval'")[1][0][0] == runs + 2
     engine.close()
 
