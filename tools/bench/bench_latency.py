@@ -211,6 +211,47 @@ def recommend_bench(n_users: int) -> dict[str, Any]:
     return out
 
 
+def learned_recommend_bench(project: Path, n_users: int) -> dict[str, Any]:
+    """``recommend`` with the learned stage 2 (EASE channel + LightGBM over features, no cross-encoder) against
+    stage 1 alone on the same pipeline, interleaved per request, on test users at their test cut-off."""
+    from twostage.requests import split_requests
+
+    prior = json.loads((project / "prior.json").read_text())["best"]
+    engine = Engine.open(project, overrides={"retriever.popularity_weight": prior})
+    pipe = engine.pipeline("leave-last-out")  # the log counted before the cut-offs, as evaluated
+    if pipe.learned is None:
+        raise SystemExit(f"{project} has no learned ranker: run bench_quality.py movielens first")
+    test = split_requests(
+        engine.store, pipe.catalogue, engine.config.text, split="leave-last-out", part="test"
+    )
+    random.Random(0).shuffle(test)
+    test = test[:n_users]
+    targets = engine.store.targets("leave-last-out", "test")
+    full_t, recall_t, full_lists, recall_lists = [], [], [], []
+    pipe.rank(test[:2], K)  # warm: models loaded, first-call allocations done
+    for request in test:
+        started = time.perf_counter()
+        full_lists.append(pipe.rank([request], K)[0].item_ids())
+        full_t.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        recall_lists.append(pipe.rank([request], K, stage="recall")[0].item_ids())
+        recall_t.append(time.perf_counter() - started)
+    judged = [targets[r.request_id] for r in test]
+    full, recall = percentiles(full_t), percentiles(recall_t)
+    return {
+        "users": len(test),
+        "learned_seconds": full,
+        "stage1_seconds": recall,
+        "ratio_p50": full["p50"] / recall["p50"],
+        "learned_ndcg10": ndcg10(full_lists, judged),
+        "stage1_ndcg10": ndcg10(recall_lists, judged),
+        "features": list(pipe.learned.features),
+        "items_weight": pipe.settings.items_weight,
+        "rerank_depth": pipe.settings.rerank_depth,
+        "cross_encoder_runs": pipe.runs_reranker,
+    }
+
+
 def build_bench(name: str) -> dict[str, Any]:
     """Encode + index the catalogue: ours (cold cache, Engine.build_index) vs plain; then 1% incremental."""
     import faiss
@@ -297,7 +338,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--valid", type=int, default=60)
     parser.add_argument(
-        "--only", help="comma-separated parts (search, recommend, build_scifact, build_movielens, ceiling)"
+        "--only",
+        help="comma-separated parts (search, recommend, recommend_learned, build_scifact, build_movielens, ceiling)",
+    )
+    parser.add_argument(
+        "--movielens-project",
+        default=str(BENCH / "movielens-today"),
+        help="recommend_learned: the project bench_quality.py movielens --protocol today left",
     )
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else None
@@ -311,13 +358,19 @@ def main() -> None:
     for name, fn in (
         ("search", lambda: search_bench(args.queries, args.valid)),
         ("recommend", lambda: recommend_bench(args.queries)),
+        (
+            "recommend_learned",
+            lambda: learned_recommend_bench(Path(args.movielens_project), args.queries * 5),
+        ),
         ("build_scifact", lambda: build_bench("scifact")),
         ("build_movielens", lambda: build_bench("movielens")),
         ("ceiling", lambda: ceiling(BENCH / "scifact", 192)),
     ):
         if wanted is not None and name not in wanted:
             continue
-        if not (BENCH / ("movielens" if "movielens" in name or name == "recommend" else "scifact")).exists():
+        needs = Path(args.movielens_project) if name == "recommend_learned" else None
+        needs = needs or BENCH / ("movielens" if "movielens" in name or name == "recommend" else "scifact")
+        if not needs.exists():
             print(f"skip {name}: run bench_quality.py first")
             continue
         started = time.perf_counter()

@@ -19,16 +19,32 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tools" / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-KNOWN = ("quality_scifact", "quality_movielens", "ingest_eval", "encode", "ann", "latency", "serve", "scale")
+KNOWN = (
+    "quality_scifact",
+    "quality_movielens_today",
+    "quality_movielens_published",
+    "quality_movielens",
+    "ingest_eval",
+    "encode",
+    "ann",
+    "latency",
+    "serve",
+    "scale",
+)
 QUALITY_RUNS = {  # bench_quality.py keys, in the order the story is told
     "eval": "",
     "zero_shot_eval": "zero-shot bi-encoder",
     "fine_tuned_eval": "fine-tuned bi-encoder + trained reranker",
     "untrained_reranker_eval": "fine-tuned bi-encoder + untrained reranker",
 }
-BASELINES = {"bm25", "popularity"}  # do not depend on the run they were evaluated in
+BASELINES = {"bm25", "popularity", "itemknn", "ease"}  # do not depend on the run they were evaluated in
 QUALITY_METRICS = ("nDCG@10", "R@10", "R@100", "RR@10")
-DATASET_TITLES = {"quality_scifact": "SciFact (search)", "quality_movielens": "MovieLens (recommendation)"}
+DATASET_TITLES = {
+    "quality_scifact": "SciFact (search)",
+    "quality_movielens_today": "MovieLens (recommendation), learned stage 2",
+    "quality_movielens_published": "MovieLens (recommendation), published protocol, learned stage 2",
+    "quality_movielens": "MovieLens (recommendation), earlier run: cross-encoder and the weight grid",
+}
 META_KEYS = {"machine", "when", "bench", "note", "quick", "config", "dataset"}
 
 
@@ -129,11 +145,57 @@ def render_quality(name: str, data: dict[str, Any]) -> list[str]:
             f"Stage 2 as evaluated (chosen on validation): fusion weight w {served.get('fusion_weight')}, "
             f"co-watch weight c {served.get('cowatch_weight') or 0.0}, rerank depth {served['rerank_depth']}.",
         ]
+    lines += _learned_lines(data)
     if data.get("stage_seconds"):
         times = ", ".join(
             f"{k.replace('_', ' ')} {_secs(float(v))} s" for k, v in data["stage_seconds"].items()
         )
         lines += ["", f"Stage times: {times}."]
+    return lines
+
+
+def _paired(comparisons: list[dict[str, Any]], b: str, metric: str = "nDCG@10") -> str:
+    return "; ".join(
+        f"vs {c['a']} {c['diff']:+.4f} (p = {c['p_value']:.3g})"
+        for c in comparisons
+        if c["b"] == b and c["metric"] == metric
+    )
+
+
+def _learned_lines(data: dict[str, Any]) -> list[str]:
+    """The learned ranker's choices, its paired tests, the cold-start slice and the ablation table."""
+    ranker = data.get("ranker")
+    if not ranker:
+        return []
+    lines = [
+        "",
+        f"Learned stage 2 (chosen on validation): features {', '.join(ranker['features'])} "
+        f"(dropped: {', '.join(ranker['dropped']) or 'none'}), {ranker['trees']} trees, {ranker['train_lists']} "
+        f"training lists; EASE channel weight {ranker['items_weight']}. Paired tests of `rerank`, nDCG@10: "
+        f"{_paired(data.get('comparisons') or [], 'rerank')}.",
+    ]
+    cold = data.get("cold_start")
+    if cold and cold.get("rows"):
+        metrics = ("nDCG@10", "R@10", "R@100")
+        body = [[name, *(f"{v.get(m, 0.0):.4f}" for m in metrics)] for name, v in cold["rows"].items()]
+        lines += [
+            "",
+            f"Cold-start slice ({cold['definition']}; {cold['n_requests']} requests); `rerank` "
+            f"{_paired(cold.get('comparisons') or [], 'rerank')}:",
+            "",
+            *_table(["ranking", *metrics], body),
+        ]
+    ablation = data.get("ablation")
+    if ablation:
+        full = (data.get("eval") or {}).get("rerank", {})
+        body = [["full pipeline", f"{full.get('nDCG@10', 0.0):.4f}", f"{full.get('R@10', 0.0):.4f}"]]
+        body += [[name, f"{x['nDCG@10']:.4f}", f"{x['R@10']:.4f}"] for name, x in ablation.items()]
+        lines += [
+            "",
+            "Ablation (each variant retrained on the same split):",
+            "",
+            *_table(["variant", "nDCG@10", "R@10"], body),
+        ]
     return lines
 
 
