@@ -68,7 +68,14 @@ def test_the_zero_shot_and_no_prior_rows_join_when_they_apply(store):
     pipe = _pipe(store, popularity_weight=0.05).replace(counts=LogCounts(popularity=popularity))
     zero = _pipe(store, rerank_depth=1).replace(reranker=None)
     report = run_evaluation(store, pipe, config=_config(), split=SPLIT, part="valid", zero_shot=lambda: zero)
-    assert [r.name for r in report.rows] == ["popularity", "itemknn", "zero-shot", "recall-no-prior", "recall", "rerank"]
+    assert [r.name for r in report.rows] == [
+        "popularity",
+        "itemknn",
+        "zero-shot",
+        "recall-no-prior",
+        "recall",
+        "rerank",
+    ]
     pairs = {(c["a"], c["b"]) for c in report.comparisons}
     assert {("zero-shot", "recall"), ("recall-no-prior", "recall")} <= pairs
     # a pipeline without a reranker evaluates stage 1 only, and no baselines when asked

@@ -148,7 +148,13 @@ def test_evaluate_prints_the_table_and_stores_the_run(served, tmp_path):
     assert result.stdout.splitlines()[0] == "split leave-last-out/test: 6 requests"
     assert "rerank vs recall: nDCG@10" in result.stdout
     data = json.loads(cli_run(project, "evaluate", "--max-requests", "6", "--json").stdout)
-    assert [r["name"] for r in data["rows"]] == ["popularity", "itemknn", "recall-no-prior", "recall", "rerank"]
+    assert [r["name"] for r in data["rows"]] == [
+        "popularity",
+        "itemknn",
+        "recall-no-prior",
+        "recall",
+        "rerank",
+    ]
     engine = Engine.open(project)
     stored = engine.sql(f"SELECT count(DISTINCT stage) FROM metrics WHERE run_id = '{data['run_id']}'")[1][0][
         0

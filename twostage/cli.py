@@ -384,6 +384,31 @@ def train_ranker(ctx, split_name, no_publish, out: Output) -> None:
     )
 
 
+@cli.command()
+@click.option("--trials", type=int, help="Override [tune] trials.")
+@click.option("--timeout", "timeout_seconds", type=float, help="Override [tune] timeout_seconds.")
+@click.option("--split", "split_name", help="Split to tune on (default: the config's); its validation part.")
+@output_options
+@click.pass_context
+def tune(ctx, trials, timeout_seconds, split_name, out: Output) -> None:
+    """Search the [tune.space] config keys with Optuna on the validation part; write tune-best.toml.
+
+    Each trial retrains from the earliest stage its keys touch in a copy of the project; the first trial is
+    the current configuration. Never reads the test part.
+
+    Example: twostage tune --trials 10 --timeout 600
+    """
+    engine = _engine(ctx, out)
+    result = engine.tune(trials=trials, timeout_seconds=timeout_seconds, split=split_name)
+    current = result["current_value"]
+    against = f" (current configuration {current:.4f})" if current is not None else ""
+    out.result(
+        result,
+        f"Best validation {result['metric']} {result['best_value']:.4f}{against} after {result['trials']} trials "
+        f"({result['pruned']} pruned): {result['best_params']}; written to {result['best_file']}",
+    )
+
+
 @cli.group()
 def index() -> None:
     """Build, update and inspect the FAISS index of item embeddings.

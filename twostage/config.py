@@ -334,6 +334,19 @@ class ScaleConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """``twostage tune`` (``twostage.tune``): Optuna over the config keys in ``space`` (each
+    ``{uniform = [lo, hi]}``, ``{log_uniform = [lo, hi]}``, ``{int = [lo, hi]}`` or ``{choice = [...]}``),
+    maximising the validation part's ``metric``, for at most ``trials`` trials and ``timeout_seconds``."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    metric: str = "nDCG@10"
+    trials: int = 20
+    timeout_seconds: float | None = 600.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a project."""
 
@@ -348,6 +361,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (stored with every run)."""

@@ -339,6 +339,11 @@ class Store:
             return ingest.attach_tags(cur, path, item_column=item_column, tag_column=tag_column, top=top)
 
     # ------------------------------------------------------------------ inspection
+    def checkpoint(self) -> None:
+        """Write the WAL into the database file, so a copy of the file alone holds every committed row."""
+        with self.con.cursor() as cur:
+            cur.execute("CHECKPOINT")
+
     def count(self, table: str) -> int:
         if table not in _TABLES:
             raise NotFoundError(f"no table '{table}'")
