@@ -197,3 +197,16 @@ def test_bad_input_is_refused_before_loading_anything(tmp_path, kwargs, error, m
     with pytest.raises(error, match=match):
         train_retriever(base_model=tmp_path / "not-a-model", output_dir=tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_time_budget_cuts_the_steps_to_what_fits_and_records_the_plan(tmp_path, model_path, task, caplog):
+    output_dir = tmp_path / "retriever"
+    options = {"base_model": model_path, "output_dir": output_dir, "warmup_ratio": 0.0, "batch_size": 2}
+    with caplog.at_level("INFO", logger="twostage.train.retriever"):
+        result = train_retriever(task["pairs"], epochs=3, time_budget_seconds=1e-3, **options)
+    budget = read_training_record(output_dir)["time_budget"]
+    assert budget["planned_steps"] == 3 * -(-len(task["pairs"]) // 2) > budget["steps"] == result.steps == 1
+    assert budget["step_seconds"] > 0 and budget["budget_seconds"] == 1e-3
+    assert any("of %d planned steps" % budget["planned_steps"] in r.getMessage() for r in caplog.records)
+    unbounded = train_retriever(task["pairs"], epochs=1, **{**options, "output_dir": tmp_path / "r2"})
+    assert unbounded.steps == read_training_record(tmp_path / "r2")["time_budget"]["planned_steps"]

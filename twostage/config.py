@@ -99,6 +99,10 @@ class RetrieverConfig:
     top lists goes on, scored ``(1 − α)·dense + α·BM25`` on min-max normalised scores. Unset, α is chosen on the
     validation queries from ``lexical_grid`` by ``train reranker`` (before its training lists, so stage 2
     trains on the candidates it will serve), 0 where BM25 does not help; recommendation splits keep 0.
+
+    ``time_budget_minutes`` sizes fine-tuning to the machine: ``train retriever`` times one training step and
+    one validation pass here, cuts the steps to what fits the budget and logs the plan with its estimate
+    (stored in the model's ``training.json`` and the run's resolved config); None trains every step.
     """
 
     model: str = "default"
@@ -110,6 +114,7 @@ class RetrieverConfig:
     warmup_ratio: float = 0.1
     hard_negatives: int = 0
     max_train_pairs: int = 20000
+    time_budget_minutes: float | None = 30.0
     eval_k: int = 100
     eval_requests: int = 300
     eval_corpus: int = 2000
@@ -576,7 +581,7 @@ _AT_LEAST_ONE = {
 _AT_LEAST_ZERO = {
     "split": ("min_events",),
     # 0 validation requests: train without validation (no early stopping, no tuned serving weights)
-    "retriever": ("hard_negatives", "popularity_weight", "eval_requests"),
+    "retriever": ("hard_negatives", "popularity_weight", "eval_requests", "time_budget_minutes"),
     "reranker": ("eval_requests",),
     "serve": ("poll_seconds",),
     "ingest": ("future_seconds",),

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 def fit_retriever(project: Project, split: str) -> RetrieverTrainingResult:
     """Fine-tune the bi-encoder on ``split``'s train side (MultipleNegativesRankingLoss, early stopping on
     validation recall@K) and save it as the project's retriever."""
-    from twostage.train.retriever import train_retriever
+    from twostage.train.retriever import read_training_record, train_retriever
 
     config, store, catalogue = project.config, project.store, project.catalogue()
     cfg = config.retriever
@@ -58,13 +58,20 @@ def fit_retriever(project: Project, split: str) -> RetrieverTrainingResult:
         patience=cfg.patience,
         max_seq_length=cfg.max_seq_length,
         seed=cfg.seed,
+        time_budget_seconds=None if cfg.time_budget_minutes is None else cfg.time_budget_minutes * 60,
         progress=project.progress,
     )
     project.changed("models")
+    budget = read_training_record(result.model_path).get("time_budget") or {}
     project.record_run(
         "train-retriever",
         result.fingerprint,
-        {"split": split, "pairs": len(pairs), "metrics": dict(result.metrics)},
+        {
+            "split": split,
+            "pairs": len(pairs),
+            "metrics": dict(result.metrics),
+            "resolved": {"retriever.steps": budget.get("steps"), "time_budget": budget},
+        },
     )
     return result
 

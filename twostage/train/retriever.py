@@ -78,6 +78,7 @@ def train_retriever(
     patience: int = 2,
     max_seq_length: int | None = None,
     max_steps: int | None = None,
+    time_budget_seconds: float | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> RetrieverTrainingResult:
@@ -102,6 +103,9 @@ def train_retriever(
         patience: Evaluations without improvement before training stops.
         max_seq_length: Truncate inputs to this many tokens; None keeps the model's setting.
         max_steps: Stop after this many steps (overrides ``epochs``); None trains all epochs.
+        time_budget_seconds: Size the run to end within this many seconds (None: no limit): the time of a
+            step and of a validation pass are measured here first, and the steps cut to what fits; the plan
+            is logged up front and stored in ``training.json``.
         seed: Seed for initialisation, shuffling and sampling.
         progress: Show progress bars.
 
@@ -183,7 +187,24 @@ def train_retriever(
             *validation, eval_k=eval_k, batch_size=max(batch_size, 64), progress=progress
         )
         metric_key = f"{_EVAL_NAME}_{model.similarity_fn_name}_recall@{eval_k}"
+        eval_started = time.perf_counter()
         base_metrics = _short_names(evaluator(model), model)
+        eval_seconds = time.perf_counter() - eval_started
+    else:
+        eval_seconds = 0.0
+    planned = max_steps or epochs * -(-len(train_dataset) // batch_size)
+    budget = _fit_budget(
+        model,
+        train_dataset,
+        batch_size=batch_size,
+        planned=planned,
+        evaluations=0 if evaluator is None else epochs if eval_steps is None else -(-planned // eval_steps),
+        eval_seconds=eval_seconds,
+        time_budget_seconds=time_budget_seconds,
+        spent=time.perf_counter() - started,
+    )
+    if budget["steps"] < planned:
+        max_steps = budget["steps"]
 
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +287,7 @@ def train_retriever(
             "metrics": metrics,
             "base_metrics": base_metrics,
             "steps": steps,
+            "time_budget": budget,
             "seconds": round(seconds, 3),
             "device": str(model.device),
             "versions": _versions(),
@@ -284,6 +306,68 @@ def train_retriever(
         base_metrics=base_metrics,
         fingerprint=fingerprint,
     )
+
+
+def _fit_budget(
+    model: SentenceTransformer,
+    dataset: Any,
+    *,
+    batch_size: int,
+    planned: int,
+    evaluations: int,
+    eval_seconds: float,
+    time_budget_seconds: float | None,
+    spent: float,
+) -> dict[str, Any]:
+    """How many of the ``planned`` steps fit the time budget, from one step's time measured on this machine
+    (forward and backward of the loss on a real batch, the second of two; the optimiser step is small next
+    to it) and the validation passes still to come. Logs the plan with its estimate."""
+    import torch
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    batch = dataset.select(range(min(batch_size, len(dataset))))
+    columns = [c for c in batch.column_names]
+    loss = MultipleNegativesRankingLoss(model)
+    step_seconds = 0.0
+    model.train()
+    for _ in range(2):  # the first call warms up the kernels and allocations
+        began = time.perf_counter()
+        features = [
+            {
+                k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                for k, v in model.tokenize(list(batch[c])).items()
+            }
+            for c in columns
+        ]
+        value = loss(features, torch.empty(0))
+        value.backward()
+        model.zero_grad(set_to_none=True)
+        step_seconds = time.perf_counter() - began
+    model.eval()
+    steps = planned
+    if time_budget_seconds is not None:
+        left = time_budget_seconds - spent - evaluations * eval_seconds
+        steps = max(1, min(planned, int(left / max(step_seconds, 1e-6))))
+    estimate = steps * step_seconds + evaluations * eval_seconds
+    logger.info(
+        "retriever training: %d of %d planned steps (%.2f s per step here, %d validation passes of %.0f s): "
+        "about %.0f min%s",
+        steps,
+        planned,
+        step_seconds,
+        evaluations,
+        eval_seconds,
+        estimate / 60,
+        f", within the {time_budget_seconds / 60:.0f}-minute budget" if time_budget_seconds else "",
+    )
+    return {
+        "planned_steps": planned,
+        "steps": steps,
+        "step_seconds": round(step_seconds, 3),
+        "eval_seconds": round(eval_seconds, 1),
+        "budget_seconds": time_budget_seconds,
+        "estimate_seconds": round(estimate, 1),
+    }
 
 
 def read_training_record(model_path: str | Path) -> dict[str, Any]:
