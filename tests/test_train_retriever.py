@@ -207,6 +207,6 @@ def test_a_time_budget_cuts_the_steps_to_what_fits_and_records_the_plan(tmp_path
     budget = read_training_record(output_dir)["time_budget"]
     assert budget["planned_steps"] == 3 * -(-len(task["pairs"]) // 2) > budget["steps"] == result.steps == 1
     assert budget["step_seconds"] > 0 and budget["budget_seconds"] == 1e-3
-    assert any("of %d planned steps" % budget["planned_steps"] in r.getMessage() for r in caplog.records)
+    assert any(f"of {budget['planned_steps']} planned steps" in r.getMessage() for r in caplog.records)
     unbounded = train_retriever(task["pairs"], epochs=1, **{**options, "output_dir": tmp_path / "r2"})
     assert unbounded.steps == read_training_record(tmp_path / "r2")["time_budget"]["planned_steps"]
