@@ -398,8 +398,10 @@ def tune(ctx, trials, timeout_seconds, split_name, out: Output) -> None:
 
     Example: twostage tune --trials 10 --timeout 600
     """
+    from twostage.tune import run_tune
+
     engine = _engine(ctx, out)
-    result = engine.tune(trials=trials, timeout_seconds=timeout_seconds, split=split_name)
+    result = run_tune(engine, trials=trials, timeout_seconds=timeout_seconds, split=split_name)
     current = result["current_value"]
     against = f" (current configuration {current:.4f})" if current is not None else ""
     out.result(

@@ -380,14 +380,6 @@ class Engine:
         self._changed("models")
         return record
 
-    def tune(
-        self, *, trials: int | None = None, timeout_seconds: float | None = None, split: str | None = None
-    ) -> dict[str, Any]:
-        """``twostage tune``: Optuna over ``[tune] space`` on the validation part (see :mod:`twostage.tune`)."""
-        from twostage.tune import run_tune
-
-        return run_tune(self, trials=trials, timeout_seconds=timeout_seconds, split=split)
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(
         self,
