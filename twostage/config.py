@@ -251,7 +251,9 @@ class RankerConfig:
     ``twostage.features`` on recommendation splits, where it replaces the weight grid of ``[reranker]``; a
     search split keeps the grid (``"on"`` trains it there too; ``"off"`` never). Its training lists are
     ``max_train_requests`` requests from the split's train side, ranked ``depth`` deep by stage 1 and dealt
-    into ``folds`` folds of users whose log features are counted without them; early stopping on the lists
+    into ``folds`` folds of users whose log features are counted without them, each request at one of its
+    user's last ``request_tail`` training positions (None: anywhere), since held-out requests come at the end
+    of a user's training sequence; early stopping on the lists
     of ``eval_requests`` validation requests (nDCG@10). ``cross_encoder = true`` adds the cross-encoder's score as a feature (it must be trained
     first, and each training candidate costs a model pass; kept only where validation says it helps).
     ``features`` limits the features it may use (unset: every one the pipeline can compute; see
@@ -270,6 +272,7 @@ class RankerConfig:
     cross_encoder: bool = False
     depth: int = 100
     max_train_requests: int = 3000
+    request_tail: int | None = 20
     eval_requests: int = 1000
     folds: int = 3
     num_trees: int = 500

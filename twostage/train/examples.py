@@ -127,11 +127,19 @@ def validation_corpus(
 
 
 def reranker_requests(
-    store: Store, catalogue: Catalogue, config: Config, *, split: str, max_requests: int, seed: int
+    store: Store,
+    catalogue: Catalogue,
+    config: Config,
+    *,
+    split: str,
+    max_requests: int,
+    seed: int,
+    tail: int | None = None,
 ) -> list[LabelledRequest]:
     """Training requests for the reranker, with graded positives, from the train side of ``split``.
 
-    Users: a random point t in each sampled user's training sequence; the context is everything before t,
+    Users: a random point t in each sampled user's training sequence (among its last ``tail`` positions when
+    set: where held-out requests come from under leave-last-out); the context is everything before t,
     the positives are the items at t … t + ``reranker.label_window`` - 1 with their grades; the history is
     excluded from candidates, as in serving, and so are the user's later items (they are not negatives).
     """
@@ -157,7 +165,7 @@ def reranker_requests(
         for _ in range(per_user):
             if len(out) >= max_requests:
                 return out
-            t = rng.randrange(1, len(items))
+            t = rng.randrange(max(1, len(items) - tail) if tail else 1, len(items))
             history = [i for i, _ in items[:t]][::-1]
             seen = frozenset(history)
             positives: dict[str, float] = {}

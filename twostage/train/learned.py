@@ -66,7 +66,13 @@ def fit_ranker(project: Project, split: str) -> dict[str, Any]:
     if not names:
         raise NotFoundError(f"none of [ranker] features {list(cfg.features or ())} applies to this split")
     labelled = reranker_requests(
-        store, pipe.catalogue, config, split=split, max_requests=cfg.max_train_requests, seed=cfg.seed
+        store,
+        pipe.catalogue,
+        config,
+        split=split,
+        max_requests=cfg.max_train_requests,
+        seed=cfg.seed,
+        tail=cfg.request_tail,
     )
     if not labelled:
         raise NotFoundError(f"split '{split}' gives no training requests for the ranker")
