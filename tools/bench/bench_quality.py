@@ -216,7 +216,7 @@ def movielens(quick: bool, root: Path, protocol: str, with_reranker: bool) -> di
     return {**result, **learned_stage2(root, times)}
 
 
-def learned_stage2(root: Path, times: dict[str, float]) -> dict[str, Any]:
+def learned_stage2(root: Path, times: dict[str, float], ablate: bool = True) -> dict[str, Any]:
     """Train the learned ranker (and its EASE channel) on the bench project at ``root``, evaluate every
     ranking with the paired tests, and ablate each feature group and each recall channel (each variant
     retrained on the same split, chosen on validation as the default is)."""
@@ -226,6 +226,16 @@ def learned_stage2(root: Path, times: dict[str, float]) -> dict[str, Any]:
     record = timed(times, "train_ranker", engine.train_ranker)
     engine = Engine.open(root, overrides=overrides)
     report = timed(times, "evaluate", lambda: engine.evaluate(mmr_lambdas=(0.9, 0.7)))
+    if not ablate:
+        return {
+            "eval": rows(report),
+            "cold_start": report.extra.get("cold_start"),
+            "mmr_sweep": report.extra.get("mmr_sweep"),
+            "ranker": record,
+            "comparisons": report.comparisons,
+            "stage_seconds": times,
+            "config": engine.config.to_dict(),
+        }
     ablation = timed(times, "ablation", lambda: ranker_ablation(root, overrides, record))
     engine = Engine.open(root, overrides=overrides)
     engine.train_ranker()  # the default ranker back in place (bench_latency.py serves this project)
@@ -393,6 +403,9 @@ def main() -> None:
     parser.add_argument(
         "--ranker-only", action="store_true", help="movielens: reuse the bench project's retriever and index"
     )
+    parser.add_argument(
+        "--no-ablation", action="store_true", help="with --ranker-only: keep the earlier run's ablation"
+    )
     args = parser.parse_args()
     name = args.dataset if args.dataset == "scifact" else f"movielens-{args.protocol}"
     root = Path(args.project or Path(tempfile.gettempdir()) / "twostage-bench" / name)
@@ -411,8 +424,11 @@ def main() -> None:
             **keep,
             "protocol": args.protocol,
             "dataset": PROTOCOLS[args.protocol],
-            **learned_stage2(root, {}),
+            **learned_stage2(root, {}, ablate=not args.no_ablation),
         }
+        if args.no_ablation and keep.get("ablation"):  # say what the kept ablation was run with
+            result["ablation_ranker_config"] = keep.get("ablation_ranker_config") or keep["config"]["ranker"]
+            result["ablation_full"] = keep.get("ablation_full") or keep["eval"]["rerank"]
     elif args.dataset == "scifact":
         fresh(root)
         result = scifact(args.quick, root)

@@ -187,12 +187,16 @@ def _learned_lines(data: dict[str, Any]) -> list[str]:
         ]
     ablation = data.get("ablation")
     if ablation:
-        full = (data.get("eval") or {}).get("rerank", {})
+        full = data.get("ablation_full") or (data.get("eval") or {}).get("rerank", {})
         body = [["full pipeline", f"{full.get('nDCG@10', 0.0):.4f}", f"{full.get('R@10', 0.0):.4f}"]]
         body += [[name, f"{x['nDCG@10']:.4f}", f"{x['R@10']:.4f}"] for name, x in ablation.items()]
+        earlier = data.get("ablation_ranker_config")
+        note = (
+            f"; an earlier run, with [ranker] request_tail = {earlier.get('request_tail')}" if earlier else ""
+        )
         lines += [
             "",
-            "Ablation (each variant retrained on the same split):",
+            f"Ablation (each variant retrained on the same split{note}):",
             "",
             *_table(["variant", "nDCG@10", "R@10"], body),
         ]
