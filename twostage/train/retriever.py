@@ -335,7 +335,7 @@ def _fit_budget(
         features = [
             {
                 k: v.to(model.device) if isinstance(v, torch.Tensor) else v
-                for k, v in model.tokenize(list(batch[c])).items()
+                for k, v in _preprocess(model, list(batch[c])).items()
             }
             for c in columns
         ]
@@ -368,6 +368,12 @@ def _fit_budget(
         "budget_seconds": time_budget_seconds,
         "estimate_seconds": round(estimate, 1),
     }
+
+
+def _preprocess(model: SentenceTransformer, texts: list[str]) -> dict[str, Any]:
+    """Model inputs for ``texts`` (``preprocess`` in sentence-transformers 5.2+, ``tokenize`` before)."""
+    method = getattr(model, "preprocess", None) or model.tokenize
+    return method(texts)
 
 
 def read_training_record(model_path: str | Path) -> dict[str, Any]:
