@@ -303,6 +303,19 @@ def _latency_rows(d: dict[str, Any]) -> list[list[str]]:
                         measured(x),
                     ]
                 )
+    if "recommend_learned" in d:
+        x = d["recommend_learned"]
+        rows.append(
+            [
+                f"MovieLens recommend with the learned stage 2 ({x['users']} test users, top 10 of "
+                f"{x['rerank_depth']} candidates)",
+                f"p50 {x['learned_seconds']['p50'] * 1000:.1f} ms, p99 {x['learned_seconds']['p99'] * 1000:.1f} ms "
+                f"vs stage 1 alone {x['stage1_seconds']['p50'] * 1000:.1f} ms (ratio {x['ratio_p50']:.2f}); nDCG@10 "
+                f"{x['learned_ndcg10']:.4f} vs {x['stage1_ndcg10']:.4f}; the cross-encoder "
+                f"{'runs' if x['cross_encoder_runs'] else 'is not a feature and never runs'}",
+                measured(x),
+            ]
+        )
     for part in ("build_scifact", "build_movielens"):
         if part in d:
             x = d[part]
