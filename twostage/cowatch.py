@@ -402,14 +402,19 @@ def _write(path: Path, lists: dict[str, list[str]]) -> None:
         logger.debug("co-watch lists not stored at %s: %s", path, e)
 
 
-def _prune(directory: Path) -> None:
-    """Delete all but the :data:`CACHE_FILES` most recently used list files (older events versions)."""
+def prune_cached(directory: Path, pattern: str, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used files matching ``pattern`` in ``directory`` (counts of
+    older events versions; reading a file marks it used)."""
     try:
-        files = sorted(directory.glob("cowatch-*.parquet"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for old in files[CACHE_FILES:]:
+        files = sorted(directory.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in files[keep:]:
             old.unlink(missing_ok=True)
     except OSError as e:
-        logger.debug("co-watch lists in %s not pruned: %s", directory, e)
+        logger.debug("%s in %s not pruned: %s", pattern, directory, e)
+
+
+def _prune(directory: Path) -> None:
+    prune_cached(directory, "cowatch-*.parquet", CACHE_FILES)
 
 
 def training_folds(user_ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from twostage.atomic import write_file
-from twostage.cowatch import seen_matrix, snapshot, version
+from twostage.cowatch import prune_cached, seen_matrix, snapshot, version
 
 if TYPE_CHECKING:
     import scipy.sparse
@@ -230,9 +230,4 @@ CACHE_FILES = 12
 
 
 def _prune(directory: Path) -> None:
-    try:
-        files = sorted(directory.glob("ease-*.npz"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for old in files[CACHE_FILES:]:
-            old.unlink(missing_ok=True)
-    except OSError as e:
-        logger.debug("EASE weights in %s not pruned: %s", directory, e)
+    prune_cached(directory, "ease-*.npz", CACHE_FILES)
