@@ -192,7 +192,10 @@ def _learned_lines(data: dict[str, Any]) -> list[str]:
         body += [[name, f"{x['nDCG@10']:.4f}", f"{x['R@10']:.4f}"] for name, x in ablation.items()]
         earlier = data.get("ablation_ranker_config")
         note = (
-            f"; an earlier run, with [ranker] request_tail = {earlier.get('request_tail')}" if earlier else ""
+            f"; a separate run, with [ranker] request_tail = {earlier.get('request_tail')}, whose full "
+            "pipeline is the first row"
+            if earlier
+            else ""
         )
         lines += [
             "",
