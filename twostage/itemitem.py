@@ -55,6 +55,8 @@ class ItemItem:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_row", {item: n for n, item in enumerate(self.item_ids)})
+        # the ids as an array once, for the tie-break of every request's sort (a hot path when serving)
+        object.__setattr__(self, "_ids", np.asarray(self.item_ids, dtype=object))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -71,7 +73,7 @@ class ItemItem:
         scores = self._vector(history)
         hit = np.flatnonzero(scores > 0)
         skip = set(exclude) | set(history)
-        order = hit[np.lexsort((np.asarray(self.item_ids, dtype=object)[hit], -scores[hit]))]
+        order = hit[np.lexsort((self._ids[hit], -scores[hit]))]  # type: ignore[attr-defined]
         out = []
         for n in order:
             item = self.item_ids[n]

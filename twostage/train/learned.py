@@ -159,9 +159,8 @@ def _fold_pipelines(
     cfg = project.config.ranker
     folds = training_folds([str(x.user_id) for x in labelled], cfg.folds, cfg.seed)
     users = [sorted(u for u, f in folds.items() if f == fold) for fold in range(cfg.folds)]
-    at = split
-    models = project.item_model_folds(at, users) if pipe.counts.items is not None else [None] * len(users)
-    lists = project.cowatch_fold_lists(at, users) if pipe.counts.cowatched else [{}] * len(users)
+    models = project.item_model_folds(split, users) if pipe.counts.items is not None else [None] * len(users)
+    lists = project.cowatch_fold_lists(split, users) if pipe.counts.cowatched else [{}] * len(users)
     whole = pipe.counts.items
     out = []
     for fold, (model, cowatched) in enumerate(zip(models, lists, strict=True)):
