@@ -384,6 +384,64 @@ def train_ranker(ctx, split_name, no_publish, out: Output) -> None:
     )
 
 
+@train.command("predictor")
+@click.option("--split", "split_name", help="Split to train on (default: the config's).")
+@output_options
+@click.pass_context
+def train_predictor(ctx, split_name, out: Output) -> None:
+    """Fine-tune the behaviour predictor: a cross-encoder over (the user's behaviour as text, the item's
+    text) with a rating head and a head per [predictor] events type; early stopping on validation.
+
+    Example: twostage train predictor && twostage evaluate --predictions
+    """
+    engine = _engine(ctx, out)
+    record = engine.train_predictor(split=split_name)
+
+    def fmt(losses: dict) -> str:
+        return ", ".join(f"{'RMSE' if t == 'rating' else t + ' log-loss'} {v:.4f}" for t, v in losses.items())
+
+    out.result(
+        record,
+        f"Saved {engine.project.models_dir('predictor')}: {record['steps']} steps ({record['stopped']}), "
+        f"{record['examples']['train']} training examples; validation {fmt(record['valid_best'])} "
+        f"(at start: {fmt(record['valid_at_start'])})",
+    )
+
+
+@cli.command()
+@click.argument("user_id", required=False)
+@click.option("--item", "items", multiple=True, required=True, help="Item id to predict for (repeatable).")
+@click.option(
+    "--history",
+    help="Comma-separated item ids (newest first, 'id:rating' to give a rating) instead of a stored user.",
+)
+@output_options
+@click.pass_context
+def predict(ctx, user_id, items, history, out: Output) -> None:
+    """Predict how a user would respond to items: their rating, and the probability of each event type.
+
+    Example: twostage predict 42 --item 318 --item 296
+    """
+    parsed = None
+    if history is not None:
+        parsed = []
+        for entry in (h.strip() for h in history.split(",") if h.strip()):
+            item, sep, rating = entry.partition(":")
+            try:
+                parsed.append((item, float(rating)) if sep else item)
+            except ValueError:
+                raise click.BadParameter(
+                    f"'{entry}' is not ID or ID:RATING", param_hint="--history"
+                ) from None
+    result = _engine(ctx, out, read_only=True).predict(user_id, list(items), history=parsed)
+
+    def human() -> None:
+        for n, item in enumerate(items):
+            click.echo(f"{item}\t" + "\t".join(f"{t} {v[n]:.3f}" for t, v in result.items()))
+
+    out.result({"items": list(items), **result}, human)
+
+
 @cli.command()
 @click.option("--trials", type=int, help="Override [tune] trials.")
 @click.option("--timeout", "timeout_seconds", type=float, help="Override [tune] timeout_seconds.")
@@ -688,15 +746,45 @@ def serve(ctx, host, port, workers, snapshot_id, api_key, log_level, out: Output
 )
 @click.option("--report", type=click.Path(dir_okay=False), help="Write an HTML report with plots here.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option(
+    "--predictions",
+    is_flag=True,
+    help="Evaluate the behaviour predictor (RMSE/MAE, AUC/log-loss) against rating baselines instead.",
+)
+@click.option("--max-examples", type=int, help="With --predictions: a seeded sample of N held-out ratings.")
 @output_options
 @click.pass_context
 def evaluate(
-    ctx, split_name, part, max_requests, no_baselines, mmr_lambdas, report, output, out: Output
+    ctx,
+    split_name,
+    part,
+    max_requests,
+    no_baselines,
+    mmr_lambdas,
+    report,
+    output,
+    predictions,
+    max_examples,
+    out: Output,
 ) -> None:
     """Evaluate baselines, stage 1 and the full pipeline; metrics table, JSON, optional HTML report.
 
     Example: twostage evaluate --report report.html --mmr 0.9 --mmr 0.7
     """
+    if predictions:
+        from twostage.prediction_eval import table
+
+        scored = _engine(ctx, out).evaluate_predictions(
+            split=split_name, part=part, max_examples=max_examples
+        )
+        if output:
+            Path(output).write_text(json.dumps(_jsonable(scored), indent=2, default=str), encoding="utf-8")
+        if report:
+            from twostage.evaluate import write_prediction_html
+
+            write_prediction_html(scored, report)
+        out.result(scored, lambda: click.echo(table(scored)))
+        return
     result = _engine(ctx, out).evaluate(
         split=split_name,
         part=part,

@@ -73,8 +73,10 @@ class SplitConfig:
     """How events or judgments are divided into train / valid / test.
 
     ``strategy``: ``leave-last-out`` (per user: last event → test, the one before → valid, rest → train),
-    ``ratio`` (``ratios`` over time or over users, see ``by``) or ``given`` (the judgments' own parts,
-    e.g. BEIR qrels train/dev/test). Users with fewer than ``min_events`` events stay in train only.
+    ``ratio`` (``ratios`` over time, over users or over events at random, see ``by``) or ``given`` (the
+    judgments' own parts, e.g. BEIR qrels train/dev/test). Users with fewer than ``min_events`` events stay in
+    train only. ``by = "event"`` is the random split of rating-prediction benchmarks: each event is held out
+    at random, so rankings trained on it see only each user's events before their first held-out one.
     """
 
     strategy: str = "leave-last-out"
@@ -244,6 +246,48 @@ FEATURES = (
 
 
 @dataclass(frozen=True)
+class PredictorConfig:
+    """The behaviour predictor (``twostage train predictor``, ``twostage.predictor``): how a user will rate an
+    item, and whether they will do each of ``events`` with it.
+
+    A cross-encoder (``model``) reads the user's ``context_items`` latest training-side events as text beside
+    the item's text, pairs truncated to ``max_length`` tokens (the context first). Its rating head predicts
+    the value of ``[relevance] rating_event`` events, over user and item biases when ``residual`` (the biases
+    of each training example are fit without its fold of ratings, ``bias_folds``, so the head learns
+    out-of-sample residuals). Each event type in ``events`` gets a logistic head, trained on its events
+    against ``negatives`` items per event the user never touched.
+
+    Training: AdamW (``learning_rate`` for the encoder, ``head_learning_rate`` for the heads), batches of
+    ``batch_size``, at most ``max_train_examples`` examples per epoch (a seeded sample) and ``epochs`` epochs,
+    stopped early on the validation loss of ``eval_examples`` examples, measured every ``eval_every`` steps
+    (``patience`` checks without a gain end it), and ended by ``time_budget_minutes``. The best checkpoint is
+    kept. ``recommend_weight`` b reorders the final ``recommend_depth`` items of ``recommend`` by
+    ``(1 − b)·z(ranking score) + b·z(predicted rating)`` (0: not at all; 1: by expected rating alone).
+    """
+
+    model: str = "default"
+    events: tuple[str, ...] = ()
+    rating: bool = True
+    residual: bool = True
+    bias_folds: int = 5
+    context_items: int = 10
+    max_length: int = 160
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    head_learning_rate: float = 1e-3
+    epochs: int = 1
+    max_train_examples: int = 50_000
+    eval_examples: int = 1000
+    eval_every: int = 100
+    patience: int = 3
+    negatives: int = 1
+    time_budget_minutes: float | None = 30.0
+    recommend_weight: float = 0.0
+    recommend_depth: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RankerConfig:
     """Recommendation's learned stage 2 and its items recall channel (``twostage train ranker``).
 
@@ -366,6 +410,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -484,7 +529,7 @@ def plain_name(name: str, what: str = "index name") -> str:
 def _validate(config: Config) -> None:
     choices = {
         "split.strategy": (config.split.strategy, ["leave-last-out", "ratio", "given"]),
-        "split.by": (config.split.by, ["time", "user"]),
+        "split.by": (config.split.by, ["time", "user", "event"]),
         "reranker.loss": (config.reranker.loss, ["listnet", "lambdaloss", "listmle"]),
         "reranker.negatives": (config.reranker.negatives, ["top", "sampled"]),
         "scale.engine": (config.scale.engine, ["local", "ray"]),
@@ -505,6 +550,7 @@ def _validate(config: Config) -> None:
         ("reranker.fusion_weight", config.reranker.fusion_weight),
         ("retriever.lexical_weight", config.retriever.lexical_weight),
         ("ranker.items_weight", config.ranker.items_weight),
+        ("predictor.recommend_weight", config.predictor.recommend_weight),
     ):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError("must be between 0 and 1", key=key)

@@ -380,6 +380,90 @@ class Engine:
         self._changed("models")
         return record
 
+    def train_predictor(self, *, split: str | None = None) -> dict[str, Any]:
+        """``twostage train predictor``: fine-tune the behaviour predictor (rating and event heads over a
+        cross-encoder of the user's behaviour text and the item's text; see :mod:`twostage.train.predictor`)."""
+        from twostage.train.predictor import fit_predictor
+
+        record = fit_predictor(self.project, split or self.default_split(), progress=self.progress)
+        self._changed("models")
+        return record
+
+    def predict(
+        self,
+        user_id: str | None = None,
+        item_ids: Sequence[str] = (),
+        *,
+        history: Sequence[str | tuple[str, float]] | None = None,
+    ) -> dict[str, list[float]]:
+        """``twostage predict``: how a user would respond to each item — per target, the predicted rating or
+        the probability of the event — from the user's events in the store, or from an anonymous ``history``
+        (item ids, or (item id, rating) pairs, newest first).
+
+        Example:
+            >>> engine.predict("42", ["318", "296"])["rating"]  # doctest: +SKIP
+            [4.41, 4.12]
+        """
+        from twostage.outcomes import user_log
+        from twostage.predictor import render_context
+
+        if (user_id is None) == (history is None):
+            raise TwostageError("give either a user id or a history of item ids")
+        items = [str(i).strip() for i in item_ids]
+        if not items:
+            raise TwostageError("give at least one item id to predict for")
+        predictor = self.project.predictor()
+        catalogue = self.project.catalogue()
+        unknown = [i for i in items if i not in catalogue]
+        if unknown:
+            raise NotFoundError(f"unknown item '{unknown[0]}' (not in the items table); check the id")
+        if history is not None:
+            events = [
+                (h, predictor.rating_event, float("nan"))
+                if isinstance(h, str)
+                else (str(h[0]), predictor.rating_event, float(h[1]))
+                for h in history
+            ]
+            user = ""
+        else:
+            user = str(user_id).strip()
+            events = user_log(self.store, user, 10 * predictor.context_items)
+            if not events:
+                raise NotFoundError(f"unknown user '{user}' (no events); check the id or pass a history")
+        titles = {i: catalogue.title(i) for i, _, _ in events if i in catalogue}
+        contexts = [
+            render_context(
+                events, titles, rating_event=predictor.rating_event, size=predictor.context_items, skip=i
+            )
+            for i in items
+        ]
+        texts = [catalogue.text(i) for i in items]
+        out = predictor.predict(contexts, texts, [user] * len(items), items)
+        return {target: [round(float(v), 6) for v in values] for target, values in out.items()}
+
+    def evaluate_predictions(
+        self, *, split: str | None = None, part: str | None = None, max_examples: int | None = None
+    ) -> dict[str, Any]:
+        """The behaviour predictor against the rating baselines (global mean, biases, biased MF) on a held-out
+        part: RMSE/MAE, AUC/log-loss, paired comparisons (see :mod:`twostage.prediction_eval`)."""
+        from twostage.prediction_eval import evaluate_predictions
+
+        catalogue = self.project.catalogue()
+        return evaluate_predictions(
+            self.store,
+            self.project.predictor(),
+            texts=catalogue.texts,
+            titles={i: catalogue.title(i) for i in catalogue.texts},
+            split=split or self.default_split(),
+            part=part or self.config.eval.part,
+            config=self.config.to_dict(),
+            n_resamples=self.config.eval.bootstrap,
+            seed=self.config.eval.seed,
+            max_examples=max_examples,
+            negatives=self.config.predictor.negatives,
+            progress=self.progress,
+        )
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(
         self,

@@ -405,3 +405,53 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child{{t
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def write_prediction_html(result: Mapping[str, Any], path: str | Path) -> Path:
+    """A self-contained HTML report of ``evaluate --predictions``: the error table, the paired comparisons
+    and a bar chart of RMSE (ratings) or AUC (events) per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(result.get("rows", []))
+    metrics = [m for m in ("RMSE", "MAE", "AUC", "log-loss") if any(m in r for r in rows)]
+    table = (
+        "<table><tr><th>model</th><th>target</th><th>n</th>"
+        + "".join(f"<th>{m}</th>" for m in metrics)
+        + "</tr>"
+    )
+    for r in rows:
+        cells = "".join(f"<td>{r[m]:.4f}</td>" if m in r else "<td></td>" for m in metrics)
+        table += f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['target'])}</td><td>{r['n']}</td>{cells}</tr>"
+    table += "</table>"
+    comp = "<h2>Paired comparisons (b − a, per example)</h2><table><tr><th>a</th><th>b</th><th>target</th><th>metric</th><th>diff</th><th>95% CI</th><th>p</th></tr>"
+    for c in result.get("comparisons", []):
+        comp += (
+            f"<tr><td>{html.escape(c['a'])}</td><td>{html.escape(c['b'])}</td><td>{html.escape(c['target'])}</td>"
+            f"<td>{html.escape(c['metric'])}</td><td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]</td>"
+            f"<td>{c['p_value']:.4g}</td></tr>"
+        )
+    comp += "</table>"
+    imgs = ""
+    for metric in ("RMSE", "AUC"):
+        shown = [r for r in rows if metric in r]
+        if shown:
+            fig, ax = plt.subplots(figsize=(6, 3))
+            ax.bar(
+                [f"{r['name']}\n{r['target']}" for r in shown], [r[metric] for r in shown], color="tab:blue"
+            )
+            ax.set_ylabel(metric)
+            ax.grid(axis="y", alpha=0.3)
+            imgs += f"<h2>{metric}</h2><img alt='{metric}' src='data:image/png;base64,{_png(fig)}'>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>twostage prediction evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body><h1>twostage prediction evaluation</h1><p>split <b>{html.escape(str(result.get("split")))}</b>,
+part <b>{html.escape(str(result.get("part")))}</b></p>{table}{comp}{imgs}
+<script type="application/json" id="report-data">{html.escape(json.dumps(result, default=str))}</script>
+</body></html>"""
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from twostage.index import VectorIndex
     from twostage.itemitem import ItemItem
     from twostage.ltr import LearnedRanker
+    from twostage.predictor import Predictor
     from twostage.rerank import Reranker
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ _READS = {
     "cowatch": {"events", "splits"},
     "items": {"events", "splits"},
     "learned": {"models"},
+    "predictor": {"models"},
     "popularity": {"events", "splits"},
     "encoder": {"models"},
     "reranker": {"models"},
@@ -472,6 +474,13 @@ class Project:
         if self.config.ranker.learned == "off" or not path.exists():
             return None
         return self._memo.get(("learned",), lambda: LearnedRanker.load(path))
+
+    def predictor(self) -> Predictor:
+        """The trained behaviour predictor (``models/predictor``), loaded once."""
+        from twostage.predictor import Predictor
+
+        path = self.models_dir("predictor")
+        return self._memo.get(("predictor",), lambda: Predictor.load(path))
 
     def popularity(self, split: str | None = None) -> dict[str, int]:
         return self._memo.get(("popularity", split), lambda: self.store.popularity(split))

@@ -50,6 +50,8 @@ def write_split(
             _leave_last_out(con, name, config, grade_sql, grade_params)
         elif config.by == "time":
             _ratio_by_time(con, name, config, grade_sql, grade_params)
+        elif config.by == "event":
+            _ratio_by_event(con, name, config, grade_sql, grade_params)
         else:
             _ratio_by_user(con, name, config, grade_sql, grade_params)
     con.execute(
@@ -99,6 +101,29 @@ def _ratio_by_time(
         FROM held h JOIN cut c USING (part)
         """,
         [train, valid, train, config.min_events, name, *params],
+    )
+
+
+def _ratio_by_event(
+    con: duckdb.DuckDBPyConnection, name: str, config: SplitConfig, grade_sql: str, params: list[Any]
+) -> None:
+    # Each event goes to a part at random (seeded hash of its identity): the rating-prediction protocol of
+    # MovieLens benchmarks. A held row's cut-off is the event itself, so rankings trained on this split see
+    # only each user's events before their first held-out one; the predictor trains on every event not held.
+    train, valid, _ = config.ratios
+    con.execute(
+        f"""
+        INSERT INTO splits
+        WITH drawn AS (
+            SELECT *, hash(user_id || '|' || item_id || '|' || seq::VARCHAR || '|' || ?::VARCHAR)
+                      / 18446744073709551616.0 AS q,
+                   count(*) OVER (PARTITION BY user_id) AS n
+            FROM events)
+        SELECT ?, CASE WHEN q < ? + ? THEN 'valid' ELSE 'test' END, 'user', user_id, item_id,
+               {grade_sql}, ts, seq
+        FROM drawn WHERE q >= ? AND n >= ?
+        """,
+        [config.seed, name, train, valid, *params, train, config.min_events],
     )
 
 

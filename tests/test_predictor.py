@@ -1,0 +1,197 @@
+"""The behaviour predictor: heads, training, ``predict``, its evaluation, and the random split (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_movielens
+
+from twostage import Engine
+from twostage.cli import cli
+from twostage.errors import IndexMismatchError, NotFoundError
+from twostage.outcomes import held_outcomes, train_outcomes
+from twostage.predictor import RATING, Biases, Predictor, build_net
+from twostage.train.predictor import Examples, _Batches, _losses, oof_offsets
+
+CONFIG = """
+[retriever]
+model = "{model}"
+[reranker]
+model = "{model}"
+[split]
+strategy = "ratio"
+by = "{by}"
+min_events = 3
+[predictor]
+model = "{model}"
+events = ["click"]
+max_length = 64
+batch_size = 16
+max_train_examples = 96
+eval_examples = 32
+eval_every = 3
+learning_rate = 1e-4
+bias_folds = 2
+"""
+
+
+def _project(tmp_path, tiny_bert_path, by: str = "time") -> Engine:
+    root = tmp_path / "project"
+    Engine.init(root)
+    (root / "twostage.toml").write_text(CONFIG.format(model=tiny_bert_path, by=by))
+    engine = Engine.open(root)
+    data = make_movielens(tmp_path / "data", n_users=30)
+    engine.datasets_load("movielens", data)
+    rng = random.Random(1)
+    clicks = ["user_id,item_id,ts"] + [
+        f"{u},{rng.randint(1, 40)},{1_000_000 + u * 100 + 50 + t}" for u in range(1, 31) for t in range(3)
+    ]
+    (tmp_path / "clicks.csv").write_text("\n".join(clicks) + "\n")
+    engine.ingest(tmp_path / "clicks.csv", "events", event="click")
+    engine.split()
+    return engine
+
+
+def test_each_heads_loss_falls_after_one_step(tiny_bert_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    net = build_net(AutoModel.from_pretrained(str(tiny_bert_path)), (RATING, "click"))
+    predictor = Predictor(net, AutoTokenizer.from_pretrained(str(tiny_bert_path)), (RATING, "click"), "rating", 32, 5, None)
+    ex = Examples(
+        np.asarray(["u1", "u2", "u1", "u2"], dtype=object),
+        np.asarray(["a", "b", "a", "b"], dtype=object),
+        np.asarray([RATING, RATING, "click", "click"], dtype=object),
+        np.asarray([4.5, 1.0, 1.0, 0.0]),
+        np.asarray([3.0, 3.0, 0.0, 0.0]),
+    )
+    batches = _Batches({"u1": [("b", "rating", 5.0)], "u2": [("a", "rating", 1.0)]}, {"a": "toy story", "b": "heat"}, {"a": "toy story animation", "b": "heat crime"}, "rating", 5)
+    net.eval()  # no dropout: the same batch before and after the step
+    before = {t: float(v.detach()) for t, v in _losses(predictor, batches, ex).items()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    loss = sum(_losses(predictor, batches, ex).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    after = {t: float(v.detach()) for t, v in _losses(predictor, batches, ex).items()}
+    assert set(before) == {RATING, "click"}
+    assert all(after[t] < before[t] for t in before), (before, after)
+
+
+def test_out_of_fold_biases_never_see_their_own_rating():
+    rng = np.random.default_rng(0)
+    users = np.asarray([f"u{n % 6}" for n in range(40)], dtype=object)
+    items = np.asarray([f"i{n % 7}" for n in range(40)], dtype=object)
+    values = rng.integers(1, 6, size=40).astype(float)
+
+    def offsets(v: np.ndarray) -> np.ndarray:
+        ex = Examples(users, items, np.full(40, RATING, dtype=object), v, np.zeros(40))
+        return oof_offsets(ex, folds=3, seed=0)[0]
+
+    base = offsets(values)
+    for j in (0, 17, 33):  # a rating's own value never moves its offset; the in-sample biases would
+        changed = values.copy()
+        changed[j] = 6.0 - values[j] + 10.0
+        assert offsets(changed)[j] == pytest.approx(base[j])
+        assert not np.allclose(offsets(changed), base)
+    full = Biases.fit(users, items, values)
+    moved = values.copy()
+    moved[0] += 10.0
+    assert Biases.fit(users, items, moved).predict(users[:1], items[:1])[0] != pytest.approx(full.predict(users[:1], items[:1])[0])
+
+
+def test_biases_round_trip(tmp_path):
+    b = Biases(3.5, {"u": 0.25}, {"a": -0.5})
+    b.save(tmp_path / "b.npz")
+    assert Biases.load(tmp_path / "b.npz") == b
+    assert b.predict(["u", "new"], ["a", "other"]).tolist() == [3.25, 3.5]
+
+
+def test_random_split_holds_out_events_and_trains_on_every_other_one(tmp_path, tiny_bert_path):
+    engine = _project(tmp_path, tiny_bert_path, by="event")
+    store = engine.store
+    total = store.count("events")
+    train = train_outcomes(store, "ratio")
+    held = {
+        (u, i, e) for part in ("valid", "test") for u, i, e in zip(*(lambda o: (o.users, o.items, o.events))(held_outcomes(store, part=part, split="ratio")), strict=True)
+    }
+    n_held = store.sql("SELECT count(*) FROM splits WHERE split = 'ratio'")[1][0][0]
+    assert len(train) + n_held == total  # every event is either held out or trains
+    assert 0.15 < n_held / total < 0.45
+    # a held-out event is never the same event as a training one
+    trained = set(zip(train.users, train.items, train.events, strict=True))
+    assert not any(key in trained for key in held if key[2] == "rating")
+
+
+def test_train_predict_evaluate_and_reload(tmp_path, tiny_bert_path):
+    engine = _project(tmp_path, tiny_bert_path)
+    record = engine.train_predictor()
+    assert record["targets"] == [RATING, "click"] and record["residual"]
+    assert record["steps"] >= 1 and set(record["valid_at_start"]) == {RATING, "click"}
+
+    user = engine.store.sql("SELECT user_id FROM events LIMIT 1")[1][0][0]
+    predicted = engine.predict(user, ["1", "2"])
+    assert set(predicted) == {RATING, "click"}
+    assert all(0.0 < p < 1.0 for p in predicted["click"])
+    assert all(0.0 < r < 6.0 for r in predicted[RATING])
+    anonymous = engine.predict(history=[("1", 5.0), "2"], item_ids=["3"])
+    assert len(anonymous[RATING]) == 1
+
+    # the saved model gives the same predictions after a reload
+    reloaded = Predictor.load(engine.project.models_dir("predictor"))
+    engine.project.changed("models")
+    assert engine.project.predictor() is not reloaded
+    assert engine.predict(user, ["1", "2"]) == predicted
+
+    result = engine.evaluate_predictions()
+    names = {(r["name"], r["target"]) for r in result["rows"]}
+    assert {("predictor", RATING), ("global-mean", RATING), ("biases", RATING), ("biased-mf", RATING)} <= names
+    assert {("predictor", "click"), ("base-rate", "click"), ("popularity", "click")} <= names
+    assert all(math.isfinite(r.get("RMSE", 0.0)) for r in result["rows"])
+    assert {(c["a"], c["target"]) for c in result["comparisons"]} == {
+        ("global-mean", RATING), ("biases", RATING), ("biased-mf", RATING), ("base-rate", "click")
+    }
+    stored = engine.store.sql("SELECT count(*) FROM metrics WHERE run_id = ?", [result["run_id"]])[1][0][0]
+    assert stored == sum(len([m for m in ("RMSE", "MAE", "AUC", "log-loss") if m in r]) for r in result["rows"])
+    engine.close()
+
+
+def test_predict_errors_are_one_line(tmp_path, tiny_bert_path):
+    engine = _project(tmp_path, tiny_bert_path)
+    with pytest.raises(NotFoundError, match="no behaviour predictor"):
+        engine.predict("1", ["1"])
+    engine.train_predictor()
+    with pytest.raises(NotFoundError, match="unknown user 'nobody'") as e:
+        engine.predict("nobody", ["1"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(NotFoundError, match="unknown item 'nothing'") as e:
+        engine.predict("1", ["1", "nothing"])
+    assert "\n" not in str(e.value)
+    root = str(engine.project.root)
+    engine.close()
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["-p", root, "predict", "1", "--item", "nothing"])
+    assert bad.exit_code == 1, bad.output
+    assert bad.output.strip().splitlines()[-1] == "Error: unknown item 'nothing' (not in the items table); check the id", bad.output
+    good = runner.invoke(cli, ["-p", root, "predict", "1", "--item", "1", "--json"])
+    assert good.exit_code == 0, good.output
+    assert set(json.loads(good.output)) == {"items", RATING, "click"}
+    history = runner.invoke(cli, ["-p", root, "predict", "--history", "1:5,2", "--item", "3", "--json"])
+    assert history.exit_code == 0, history.output
+
+
+def test_a_changed_file_is_refused_on_load(tmp_path, tiny_bert_path):
+    engine = _project(tmp_path, tiny_bert_path)
+    engine.train_predictor()
+    path = engine.project.models_dir("predictor")
+    engine.close()
+    with open(path / "heads.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(IndexMismatchError, match="heads.pt"):
+        Predictor.load(path)

@@ -1,0 +1,144 @@
+"""Outcomes: what users did with items (a rating's value, or whether an event happened), read per split part.
+
+The behaviour predictor (``twostage.predictor``) learns and is evaluated on these. Which events are
+training-side follows the split: on temporal splits, every event before the user's earliest held-out cut-off
+(what every other model of twostage trains on); on a random split (``[split] by = "event"``), every event that
+is not itself held out. A held-out outcome is the first event of its (user, item) at or after the held row's
+cut-off. The SQL is here, beside the split's, so the two can be read together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from twostage.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from twostage.store import Store
+
+# Each user's earliest held-out (ts, seq) in the split; bind the split name.
+_USER_CUT = """
+    SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
+           min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
+    FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1
+"""
+
+_TRAIN_TEMPORAL = f"""
+    WITH cut AS ({_USER_CUT})
+    SELECT e.user_id, e.item_id, e.event, e.value FROM events e LEFT JOIN cut c USING (user_id)
+    WHERE c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq)
+    ORDER BY e.user_id, e.ts DESC, e.seq DESC
+"""
+
+_TRAIN_RANDOM = """
+    SELECT e.user_id, e.item_id, e.event, e.value FROM events e
+    WHERE NOT EXISTS (
+        SELECT 1 FROM splits s WHERE s.split = ? AND s.request_id = e.user_id AND s.item_id = e.item_id
+          AND s.cutoff_ts = e.ts AND s.cutoff_seq = e.seq)
+    ORDER BY e.user_id, e.ts DESC, e.seq DESC
+"""
+
+_HELD = """
+    WITH held AS (
+        SELECT request_id AS user_id, item_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
+               min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
+        FROM splits WHERE split = ? AND part = ? AND request_kind = 'user' GROUP BY 1, 2)
+    SELECT h.user_id, h.item_id, e.event, arg_min(e.value, (e.ts, e.seq))
+    FROM held h JOIN events e
+      ON e.user_id = h.user_id AND e.item_id = h.item_id AND (e.ts, e.seq) >= (h.cts, h.cseq)
+    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Parallel arrays, one row per (user, item, event): ``value`` is the event's value (NaN when it has none)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    events: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple]) -> Outcomes:
+        cols = list(zip(*rows, strict=True)) if rows else [(), (), (), ()]
+        return cls(
+            np.asarray(cols[0], dtype=object),
+            np.asarray(cols[1], dtype=object),
+            np.asarray(cols[2], dtype=object),
+            np.asarray([np.nan if v is None else v for v in cols[3]], dtype=np.float64),
+        )
+
+    def of(self, event: str) -> Outcomes:
+        """The rows of one event type."""
+        keep = self.events == event
+        return Outcomes(self.users[keep], self.items[keep], self.events[keep], self.values[keep])
+
+    def take(self, index: np.ndarray) -> Outcomes:
+        return Outcomes(self.users[index], self.items[index], self.events[index], self.values[index])
+
+
+def _rows(store: Store, sql: str, params: list) -> list[tuple]:
+    with store.cursor() as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def is_random_split(store: Store, split: str) -> bool:
+    """Whether ``split`` holds out events at random (``by = "event"``) rather than by time."""
+    import json
+
+    rows = _rows(store, "SELECT strategy, config FROM split_info WHERE split = ?", [split])
+    if not rows:
+        raise NotFoundError(f"no split '{split}'; run 'twostage split' first")
+    strategy, config = rows[0]
+    return strategy == "ratio" and json.loads(config).get("by") == "event"
+
+
+def train_outcomes(store: Store, split: str) -> Outcomes:
+    """Every training-side event of ``split``, newest first per user."""
+    sql = _TRAIN_RANDOM if is_random_split(store, split) else _TRAIN_TEMPORAL
+    return Outcomes.from_rows(_rows(store, sql, [split]))
+
+
+def held_outcomes(store: Store, split: str, part: str) -> Outcomes:
+    """The held-out events of ``split/part``: per held (user, item) and event type, its first occurrence."""
+    rows = _rows(store, _HELD, [split, part])
+    if not rows:
+        raise NotFoundError(f"split '{split}' has no '{part}' events to predict; split the events first")
+    return Outcomes.from_rows(rows)
+
+
+def sample_negatives(
+    positives: Outcomes, candidates: np.ndarray, seen: dict[str, set[str]], per_positive: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) pairs the users never touched: ``per_positive`` uniform draws from ``candidates`` for
+    each positive, skipping any item in the user's ``seen`` set (their whole log), seeded."""
+    rng = np.random.default_rng(seed)
+    users: list[str] = []
+    items: list[str] = []
+    for user in positives.users:
+        taken = seen.get(user, set())
+        for _ in range(per_positive):
+            for _attempt in range(20):
+                item = candidates[rng.integers(len(candidates))]
+                if item not in taken:
+                    users.append(user)
+                    items.append(item)
+                    break
+    return np.asarray(users, dtype=object), np.asarray(items, dtype=object)
+
+
+def user_log(store: Store, user_id: str, limit: int) -> list[tuple[str, str, float]]:
+    """A user's latest ``limit`` events (item, event, value), newest first: the context ``predict`` serves."""
+    rows = _rows(
+        store,
+        "SELECT item_id, event, value FROM events WHERE user_id = ? ORDER BY ts DESC, seq DESC LIMIT ?",
+        [user_id, limit],
+    )
+    return [(i, e, float("nan") if v is None else float(v)) for i, e, v in rows]

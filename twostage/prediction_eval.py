@@ -1,0 +1,313 @@
+"""Evaluating the behaviour predictor against rating baselines, on the same split, in one run.
+
+Ratings: RMSE and MAE of the predictor and of three baselines fit on the same training events — the global
+mean, user + item biases (cornac ``BaselineOnly``) and biased matrix factorisation (cornac ``MF`` with
+biases; its factors, regularisation and epochs chosen on the validation ratings). Paired comparisons are made on
+per-rating squared errors (the difference of MSE, a bootstrap interval and a t-test p-value).
+
+Events: AUC and log-loss of each event head on the held-out events against as many sampled items the user
+never touched (seeded), beside the base rate (log-loss) and item popularity (AUC), with a paired comparison of
+per-example log-losses.
+
+Every score goes to the store's ``metrics`` table under one run (kind ``eval-predict``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from twostage.errors import NotFoundError
+from twostage.metrics import paired_comparison
+from twostage.outcomes import Outcomes, held_outcomes, sample_negatives, train_outcomes
+from twostage.predictor import RATING, Biases, Predictor, render_context
+
+if TYPE_CHECKING:
+    from twostage.store import Store
+
+logger = logging.getLogger(__name__)
+
+MF_GRID = {"k": (10, 50), "lambda_reg": (0.02, 0.05, 0.1), "max_iter": (20, 50, 100)}
+
+
+@dataclass(frozen=True)
+class RatingModel:
+    """A fitted rating baseline: predictions for any (user, item), 0 offsets for unknown ones."""
+
+    name: str
+    mean: float
+    user_bias: Mapping[str, float]
+    item_bias: Mapping[str, float]
+    user_factors: Mapping[str, np.ndarray]
+    item_factors: Mapping[str, np.ndarray]
+
+    def predict(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray:
+        out = np.empty(len(users))
+        for n, (u, i) in enumerate(zip(users, items, strict=True)):
+            value = self.mean + self.user_bias.get(u, 0.0) + self.item_bias.get(i, 0.0)
+            pu, qi = self.user_factors.get(u), self.item_factors.get(i)
+            if pu is not None and qi is not None:
+                value += float(pu @ qi)
+            out[n] = value
+        return out
+
+
+def fit_rating_baselines(
+    train: Outcomes, valid: Outcomes | None, *, seed: int = 0
+) -> list[tuple[RatingModel, dict]]:
+    """Global mean, biases and biased MF fit on ``train`` ratings (MF's settings chosen on ``valid``)."""
+    from cornac.data import Dataset
+    from cornac.models import MF
+
+    users, items, values = train.users, train.items, train.values
+    mean = float(values.mean())
+    biases = Biases.fit(users, items, values, seed=seed)
+    models = [
+        (RatingModel("global-mean", mean, {}, {}, {}, {}), {}),
+        (RatingModel("biases", biases.mean, biases.users, biases.items, {}, {}), {}),
+    ]
+    data = Dataset.from_uir(list(zip(users, items, values, strict=True)), seed=seed)
+    user_ids, item_ids = list(data.uid_map), list(data.iid_map)
+
+    def mf(k: int, lambda_reg: float, max_iter: int) -> RatingModel:
+        model = MF(
+            k=k, max_iter=max_iter, learning_rate=0.01, lambda_reg=lambda_reg, use_bias=True, seed=seed
+        )
+        model.fit(data)
+        return RatingModel(
+            "biased-mf",
+            float(model.global_mean),
+            dict(zip(user_ids, np.asarray(model.u_biases, dtype=float).tolist(), strict=True)),
+            dict(zip(item_ids, np.asarray(model.i_biases, dtype=float).tolist(), strict=True)),
+            dict(zip(user_ids, np.asarray(model.u_factors, dtype=float), strict=True)),
+            dict(zip(item_ids, np.asarray(model.i_factors, dtype=float), strict=True)),
+        )
+
+    chosen: dict[str, Any] = {"k": 10, "lambda_reg": 0.02, "max_iter": 20}
+    if valid is not None and len(valid):
+        tried = []
+        for k, reg, iters in itertools.product(*MF_GRID.values()):
+            model = mf(k, reg, iters)
+            rmse = float(np.sqrt(np.mean((model.predict(valid.users, valid.items) - valid.values) ** 2)))
+            tried.append((rmse, {"k": k, "lambda_reg": reg, "max_iter": iters}))
+        rmse, chosen = min(tried, key=lambda t: t[0])
+        chosen = {**chosen, "valid_rmse": round(rmse, 4)}
+    settings = {k: v for k, v in chosen.items() if k != "valid_rmse"}
+    models.append((mf(**settings), chosen))
+    return models
+
+
+def _rated(outcomes: Outcomes, rating_event: str, known: Mapping[str, str]) -> Outcomes:
+    rows = outcomes.of(rating_event)
+    keep = np.isfinite(rows.values) & np.asarray([i in known for i in rows.items], dtype=bool)
+    return rows.take(np.flatnonzero(keep))
+
+
+def _contexts(
+    predictor: Predictor, events: Mapping[str, list], titles: Mapping[str, str], users, items
+) -> list[str]:
+    return [
+        render_context(
+            events.get(u, []),
+            titles,
+            rating_event=predictor.rating_event,
+            size=predictor.context_items,
+            skip=i,
+        )
+        for u, i in zip(users, items, strict=True)
+    ]
+
+
+def evaluate_predictions(
+    store: Store,
+    predictor: Predictor,
+    *,
+    texts: Mapping[str, str],
+    titles: Mapping[str, str],
+    split: str,
+    part: str,
+    config: Mapping[str, Any],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    max_examples: int | None = None,
+    negatives: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score the predictor and the baselines on ``split/part``; returns rows, comparisons and the run id."""
+    from twostage.train.predictor import user_events
+
+    started = time.perf_counter()
+    train = train_outcomes(store, split)
+    held = held_outcomes(store, split, part)
+    events = user_events(train)
+    rng = np.random.default_rng(seed)
+    run_id = store.new_run("eval-predict", {**config, "split": split, "part": part})
+    out: dict[str, Any] = {"run_id": run_id, "split": split, "part": part, "rows": [], "comparisons": []}
+
+    if RATING in predictor.targets:
+        test = _rated(held, predictor.rating_event, texts)
+        if max_examples is not None and len(test) > max_examples:
+            test = test.take(np.sort(rng.choice(len(test), size=max_examples, replace=False)))
+        if not len(test):
+            raise NotFoundError(
+                f"split '{split}' has no '{predictor.rating_event}' ratings in '{part}' to predict"
+            )
+        try:
+            valid = (
+                _rated(held_outcomes(store, split, "valid"), predictor.rating_event, texts)
+                if part != "valid"
+                else None
+            )
+        except NotFoundError:
+            valid = None
+        train_ratings = _rated(train, predictor.rating_event, texts)
+        errors: dict[str, np.ndarray] = {}
+        settings: dict[str, Any] = {}
+        for model, chosen in fit_rating_baselines(train_ratings, valid, seed=seed):
+            errors[model.name] = model.predict(test.users, test.items) - test.values
+            if chosen:
+                settings[model.name] = chosen
+        timer = time.perf_counter()
+        contexts = _contexts(predictor, events, titles, test.users, test.items)
+        predicted = predictor.predict(
+            contexts, [texts[i] for i in test.items], test.users, test.items, progress=progress
+        )
+        errors["predictor"] = predicted[RATING] - test.values
+        seconds = time.perf_counter() - timer
+        for name, err in errors.items():
+            row = {
+                "name": name,
+                "target": RATING,
+                "n": len(err),
+                "RMSE": float(np.sqrt(np.mean(err**2))),
+                "MAE": float(np.mean(np.abs(err))),
+            }
+            if name == "predictor":
+                row["seconds"] = round(seconds, 1)
+            out["rows"].append(row)
+        for name in ("global-mean", "biases", "biased-mf"):
+            c = paired_comparison(
+                errors[name] ** 2, errors["predictor"] ** 2, metric="MSE", n_resamples=n_resamples, seed=seed
+            )
+            out["comparisons"].append({"a": name, "b": "predictor", "target": RATING, **c.__dict__})
+        out["baseline_settings"] = settings
+        cold = np.asarray([u not in events for u in test.users])
+        out["cold_users"] = {
+            "n": int(cold.sum()),
+            **{name: float(np.sqrt(np.mean(err[cold] ** 2))) for name, err in errors.items() if cold.any()},
+        }
+
+    seen = {u: {i for i, _, _ in evs} for u, evs in events.items()}
+    for u, i in zip(held.users, held.items, strict=True):
+        seen.setdefault(u, set()).add(i)
+    catalogue_ids = np.asarray(sorted(texts), dtype=object)
+    popularity: dict[str, int] = {}
+    for i in train.items:
+        popularity[i] = popularity.get(i, 0) + 1
+    for k, event in enumerate(t for t in predictor.targets if t != RATING):
+        _evaluate_event(
+            predictor,
+            event,
+            held,
+            events,
+            seen,
+            catalogue_ids,
+            texts,
+            titles,
+            popularity,
+            negatives=negatives,
+            seed=seed + k,
+            n_resamples=n_resamples,
+            into=out,
+        )
+    store_metrics(store, run_id, out["rows"])
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def _evaluate_event(
+    predictor: Predictor,
+    event: str,
+    held: Outcomes,
+    events,
+    seen,
+    catalogue_ids,
+    texts,
+    titles,
+    popularity,
+    *,
+    negatives: int,
+    seed: int,
+    n_resamples: int,
+    into: dict[str, Any],
+) -> None:
+    """Append the event head's rows and its comparison with the base rate to ``into``."""
+    from sklearn.metrics import roc_auc_score
+
+    pos = held.of(event)
+    pos = pos.take(np.flatnonzero([i in texts for i in pos.items]))
+    if not len(pos):
+        return
+    neg_users, neg_items = sample_negatives(pos, catalogue_ids, seen, negatives, seed)
+    users = np.concatenate([pos.users, neg_users])
+    items = np.concatenate([pos.items, neg_items])
+    labels = np.concatenate([np.ones(len(pos)), np.zeros(len(neg_users))])
+    contexts = _contexts(predictor, events, titles, users, items)
+    p = np.clip(predictor.predict(contexts, [texts[i] for i in items], users, items)[event], 1e-7, 1 - 1e-7)
+    base = np.full(len(p), len(pos) / len(p))
+    pop = np.log1p([popularity.get(i, 0) for i in items])
+
+    def logloss(q: np.ndarray) -> np.ndarray:
+        return -(labels * np.log(q) + (1 - labels) * np.log(1 - q))
+
+    into["rows"] += [
+        {
+            "name": "predictor",
+            "target": event,
+            "n": len(p),
+            "AUC": float(roc_auc_score(labels, p)),
+            "log-loss": float(logloss(p).mean()),
+        },
+        {
+            "name": "base-rate",
+            "target": event,
+            "n": len(p),
+            "AUC": 0.5,
+            "log-loss": float(logloss(base).mean()),
+        },
+        {"name": "popularity", "target": event, "n": len(p), "AUC": float(roc_auc_score(labels, pop))},
+    ]
+    c = paired_comparison(logloss(base), logloss(p), metric="log-loss", n_resamples=n_resamples, seed=seed)
+    into["comparisons"].append({"a": "base-rate", "b": "predictor", "target": event, **c.__dict__})
+
+
+def store_metrics(store: Store, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One ``metrics`` row per (model, target, metric): stage is ``model:target``."""
+    values = [
+        (run_id, f"{r['name']}:{r['target']}", metric, None, float(r[metric]))
+        for r in rows
+        for metric in ("RMSE", "MAE", "AUC", "log-loss")
+        if metric in r
+    ]
+    with store.transaction() as cur:
+        cur.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)", values)
+
+
+def table(result: Mapping[str, Any]) -> str:
+    """The rows and comparisons as fixed-width text (the CLI's output)."""
+    lines = []
+    for r in result.get("rows", []):
+        cells = [f"{m} {r[m]:.4f}" for m in ("RMSE", "MAE", "AUC", "log-loss") if m in r]
+        lines.append(f"{r['name']:<12} {r['target']:<8} n={r['n']:<6} " + "  ".join(cells))
+    for c in result.get("comparisons", []):
+        lines.append(
+            f"{c['b']} vs {c['a']} ({c['target']}): {c['metric']} {c['mean_b']:.4f} vs {c['mean_a']:.4f}, "
+            f"diff {c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], p={c['p_value']:.3g}"
+        )
+    return "\n".join(lines)
