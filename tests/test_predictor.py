@@ -16,8 +16,8 @@ from twostage import Engine
 from twostage.cli import cli
 from twostage.errors import IndexMismatchError, NotFoundError
 from twostage.outcomes import held_outcomes, train_outcomes
-from twostage.predictor import RATING, Biases, Predictor, build_net
-from twostage.train.predictor import Examples, _Batches, _losses, oof_offsets
+from twostage.predictor import LISTNET, RATING, Biases, Predictor, build_net
+from twostage.train.predictor import Examples, Lists, _Batches, _list_loss, _losses, oof_offsets
 
 CONFIG = """
 [retriever]
@@ -30,7 +30,9 @@ by = "{by}"
 min_events = 3
 [predictor]
 model = "{model}"
-events = ["click"]
+tasks = {{ rating = 1.0, click = 1.0, listnet = 0.5 }}
+list_size = 4
+eval_lists = 20
 max_length = 64
 batch_size = 16
 max_train_examples = 96
@@ -62,8 +64,16 @@ def test_each_heads_loss_falls_after_one_step(tiny_bert_path):
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)
-    net = build_net(AutoModel.from_pretrained(str(tiny_bert_path)), (RATING, "click"))
-    predictor = Predictor(net, AutoTokenizer.from_pretrained(str(tiny_bert_path)), (RATING, "click"), "rating", 32, 5, None)
+    net = build_net(AutoModel.from_pretrained(str(tiny_bert_path)), (RATING, "click", LISTNET))
+    predictor = Predictor(
+        net,
+        AutoTokenizer.from_pretrained(str(tiny_bert_path)),
+        (RATING, "click", LISTNET),
+        "rating",
+        32,
+        5,
+        None,
+    )
     ex = Examples(
         np.asarray(["u1", "u2", "u1", "u2"], dtype=object),
         np.asarray(["a", "b", "a", "b"], dtype=object),
@@ -71,16 +81,27 @@ def test_each_heads_loss_falls_after_one_step(tiny_bert_path):
         np.asarray([4.5, 1.0, 1.0, 0.0]),
         np.asarray([3.0, 3.0, 0.0, 0.0]),
     )
-    batches = _Batches({"u1": [("b", "rating", 5.0)], "u2": [("a", "rating", 1.0)]}, {"a": "toy story", "b": "heat"}, {"a": "toy story animation", "b": "heat crime"}, "rating", 5)
+    batches = _Batches(
+        {"u1": [("b", "rating", 5.0)], "u2": [("a", "rating", 1.0)]},
+        {"a": "toy story", "b": "heat"},
+        {"a": "toy story animation", "b": "heat crime"},
+        "rating",
+        5,
+    )
+    lists = Lists(np.asarray(["u1", "u2"], dtype=object), np.asarray([["a", "b"], ["b", "a"]], dtype=object))
+
+    def losses() -> dict:
+        return {**_losses(predictor, batches, ex), LISTNET: _list_loss(predictor, batches, lists)}
+
     net.eval()  # no dropout: the same batch before and after the step
-    before = {t: float(v.detach()) for t, v in _losses(predictor, batches, ex).items()}
+    before = {t: float(v.detach()) for t, v in losses().items()}
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    loss = sum(_losses(predictor, batches, ex).values())
+    loss = sum(losses().values())
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    after = {t: float(v.detach()) for t, v in _losses(predictor, batches, ex).items()}
-    assert set(before) == {RATING, "click"}
+    after = {t: float(v.detach()) for t, v in losses().items()}
+    assert set(before) == {RATING, "click", LISTNET}
     assert all(after[t] < before[t] for t in before), (before, after)
 
 
@@ -103,7 +124,9 @@ def test_out_of_fold_biases_never_see_their_own_rating():
     full = Biases.fit(users, items, values)
     moved = values.copy()
     moved[0] += 10.0
-    assert Biases.fit(users, items, moved).predict(users[:1], items[:1])[0] != pytest.approx(full.predict(users[:1], items[:1])[0])
+    assert Biases.fit(users, items, moved).predict(users[:1], items[:1])[0] != pytest.approx(
+        full.predict(users[:1], items[:1])[0]
+    )
 
 
 def test_biases_round_trip(tmp_path):
@@ -119,7 +142,12 @@ def test_random_split_holds_out_events_and_trains_on_every_other_one(tmp_path, t
     total = store.count("events")
     train = train_outcomes(store, "ratio")
     held = {
-        (u, i, e) for part in ("valid", "test") for u, i, e in zip(*(lambda o: (o.users, o.items, o.events))(held_outcomes(store, part=part, split="ratio")), strict=True)
+        (u, i, e)
+        for part in ("valid", "test")
+        for u, i, e in zip(
+            *(lambda o: (o.users, o.items, o.events))(held_outcomes(store, part=part, split="ratio")),
+            strict=True,
+        )
     }
     n_held = store.sql("SELECT count(*) FROM splits WHERE split = 'ratio'")[1][0][0]
     assert len(train) + n_held == total  # every event is either held out or trains
@@ -132,12 +160,12 @@ def test_random_split_holds_out_events_and_trains_on_every_other_one(tmp_path, t
 def test_train_predict_evaluate_and_reload(tmp_path, tiny_bert_path):
     engine = _project(tmp_path, tiny_bert_path)
     record = engine.train_predictor()
-    assert record["targets"] == [RATING, "click"] and record["residual"]
-    assert record["steps"] >= 1 and set(record["valid_at_start"]) == {RATING, "click"}
+    assert record["targets"] == [RATING, "click", LISTNET] and record["residual"]
+    assert record["steps"] >= 1 and set(record["valid_at_start"]) == {RATING, "click", LISTNET}
 
     user = engine.store.sql("SELECT user_id FROM events LIMIT 1")[1][0][0]
     predicted = engine.predict(user, ["1", "2"])
-    assert set(predicted) == {RATING, "click"}
+    assert set(predicted) == {RATING, "click", LISTNET}
     assert all(0.0 < p < 1.0 for p in predicted["click"])
     assert all(0.0 < r < 6.0 for r in predicted[RATING])
     anonymous = engine.predict(history=[("1", 5.0), "2"], item_ids=["3"])
@@ -151,14 +179,26 @@ def test_train_predict_evaluate_and_reload(tmp_path, tiny_bert_path):
 
     result = engine.evaluate_predictions()
     names = {(r["name"], r["target"]) for r in result["rows"]}
-    assert {("predictor", RATING), ("global-mean", RATING), ("biases", RATING), ("biased-mf", RATING)} <= names
+    assert {
+        ("predictor", RATING),
+        ("global-mean", RATING),
+        ("biases", RATING),
+        ("biased-mf", RATING),
+    } <= names
     assert {("predictor", "click"), ("base-rate", "click"), ("popularity", "click")} <= names
+    assert {("predictor", LISTNET), ("popularity", LISTNET)} <= names
     assert all(math.isfinite(r.get("RMSE", 0.0)) for r in result["rows"])
     assert {(c["a"], c["target"]) for c in result["comparisons"]} == {
-        ("global-mean", RATING), ("biases", RATING), ("biased-mf", RATING), ("base-rate", "click")
+        ("global-mean", RATING),
+        ("biases", RATING),
+        ("biased-mf", RATING),
+        ("base-rate", "click"),
+        ("popularity", LISTNET),
     }
     stored = engine.store.sql("SELECT count(*) FROM metrics WHERE run_id = ?", [result["run_id"]])[1][0][0]
-    assert stored == sum(len([m for m in ("RMSE", "MAE", "AUC", "log-loss") if m in r]) for r in result["rows"])
+    assert stored == sum(
+        len([m for m in ("RMSE", "MAE", "AUC", "log-loss") if m in r]) for r in result["rows"]
+    )
     engine.close()
 
 
@@ -178,10 +218,13 @@ def test_predict_errors_are_one_line(tmp_path, tiny_bert_path):
     runner = CliRunner()
     bad = runner.invoke(cli, ["-p", root, "predict", "1", "--item", "nothing"])
     assert bad.exit_code == 1, bad.output
-    assert bad.output.strip().splitlines()[-1] == "Error: unknown item 'nothing' (not in the items table); check the id", bad.output
+    assert (
+        bad.output.strip().splitlines()[-1]
+        == "Error: unknown item 'nothing' (not in the items table); check the id"
+    ), bad.output
     good = runner.invoke(cli, ["-p", root, "predict", "1", "--item", "1", "--json"])
     assert good.exit_code == 0, good.output
-    assert set(json.loads(good.output)) == {"items", RATING, "click"}
+    assert set(json.loads(good.output)) == {"items", RATING, "click", LISTNET}
     history = runner.invoke(cli, ["-p", root, "predict", "--history", "1:5,2", "--item", "3", "--json"])
     assert history.exit_code == 0, history.output
 
@@ -193,5 +236,5 @@ def test_a_changed_file_is_refused_on_load(tmp_path, tiny_bert_path):
     engine.close()
     with open(path / "heads.pt", "ab") as f:
         f.write(b"x")
-    with pytest.raises(IndexMismatchError, match="heads.pt"):
+    with pytest.raises(IndexMismatchError, match=r"heads\.pt"):
         Predictor.load(path)

@@ -397,8 +397,10 @@ def train_predictor(ctx, split_name, out: Output) -> None:
     engine = _engine(ctx, out)
     record = engine.train_predictor(split=split_name)
 
+    from twostage.train.predictor import loss_label
+
     def fmt(losses: dict) -> str:
-        return ", ".join(f"{'RMSE' if t == 'rating' else t + ' log-loss'} {v:.4f}" for t, v in losses.items())
+        return ", ".join(f"{loss_label(t)} {v:.4f}" for t, v in losses.items())
 
     out.result(
         record,

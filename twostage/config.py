@@ -251,11 +251,17 @@ class PredictorConfig:
     item, and whether they will do each of ``events`` with it.
 
     A cross-encoder (``model``) reads the user's ``context_items`` latest training-side events as text beside
-    the item's text, pairs truncated to ``max_length`` tokens (the context first). Its rating head predicts
-    the value of ``[relevance] rating_event`` events, over user and item biases when ``residual`` (the biases
-    of each training example are fit without its fold of ratings, ``bias_folds``, so the head learns
-    out-of-sample residuals). Each event type in ``events`` gets a logistic head, trained on its events
-    against ``negatives`` items per event the user never touched.
+    the item's text, pairs truncated to ``max_length`` tokens (the context first). ``tasks`` names its heads,
+    each with the weight of its loss in the sum the shared encoder is trained on (one loss per task):
+
+    - ``rating``: regression on the value of ``[relevance] rating_event`` events (MSE), over user and item
+      biases when ``residual`` (each training example's biases are fit without its fold of ratings,
+      ``bias_folds``, so the head learns out-of-sample residuals);
+    - ``listnet``: ranking — a training event's item among ``list_size − 1`` items the user never touched,
+      softmax cross-entropy over the list (ListNet with one positive), ``lists_per_batch`` lists per step;
+      evaluated as nDCG@10 over ``eval_lists`` such held-out lists;
+    - any other name is an event type: a logistic head on its events against ``negatives`` items per event
+      the user never touched (cross-entropy).
 
     Training: AdamW (``learning_rate`` for the encoder, ``head_learning_rate`` for the heads), batches of
     ``batch_size``, at most ``max_train_examples`` examples per epoch (a seeded sample) and ``epochs`` epochs,
@@ -266,8 +272,7 @@ class PredictorConfig:
     """
 
     model: str = "default"
-    events: tuple[str, ...] = ()
-    rating: bool = True
+    tasks: dict[str, float] = field(default_factory=lambda: {"rating": 1.0})
     residual: bool = True
     bias_folds: int = 5
     context_items: int = 10
@@ -281,6 +286,9 @@ class PredictorConfig:
     eval_every: int = 100
     patience: int = 3
     negatives: int = 1
+    list_size: int = 16
+    lists_per_batch: int = 2
+    eval_lists: int = 200
     time_budget_minutes: float | None = 30.0
     recommend_weight: float = 0.0
     recommend_depth: int = 20
@@ -554,6 +562,12 @@ def _validate(config: Config) -> None:
     ):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError("must be between 0 and 1", key=key)
+    tasks = config.predictor.tasks
+    if any(not w >= 0.0 for w in tasks.values()) or not any(w > 0.0 for w in tasks.values()):
+        raise ConfigError(
+            f"needs at least one task with a weight above 0 and none below, got {tasks}",
+            key="predictor.tasks",
+        )
     if config.reranker.cowatch_weight is not None and not config.reranker.cowatch_weight >= 0.0:
         raise ConfigError("must be >= 0", key="reranker.cowatch_weight")
     for key, value in (("index.depth", config.index.depth), ("reranker.depth", config.reranker.depth)):

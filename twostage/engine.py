@@ -461,6 +461,8 @@ class Engine:
             seed=self.config.eval.seed,
             max_examples=max_examples,
             negatives=self.config.predictor.negatives,
+            list_size=self.config.predictor.list_size,
+            eval_lists=self.config.predictor.eval_lists,
             progress=self.progress,
         )
 

@@ -416,7 +416,7 @@ def write_prediction_html(result: Mapping[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = list(result.get("rows", []))
-    metrics = [m for m in ("RMSE", "MAE", "AUC", "log-loss") if any(m in r for r in rows)]
+    metrics = [m for m in ("RMSE", "MAE", "AUC", "log-loss", "nDCG@10", "MRR") if any(m in r for r in rows)]
     table = (
         "<table><tr><th>model</th><th>target</th><th>n</th>"
         + "".join(f"<th>{m}</th>" for m in metrics)
@@ -435,7 +435,7 @@ def write_prediction_html(result: Mapping[str, Any], path: str | Path) -> Path:
         )
     comp += "</table>"
     imgs = ""
-    for metric in ("RMSE", "AUC"):
+    for metric in ("RMSE", "AUC", "nDCG@10"):
         shown = [r for r in rows if metric in r]
         if shown:
             fig, ax = plt.subplots(figsize=(6, 3))

@@ -26,13 +26,14 @@ import numpy as np
 from twostage.errors import NotFoundError
 from twostage.metrics import paired_comparison
 from twostage.outcomes import Outcomes, held_outcomes, sample_negatives, train_outcomes
-from twostage.predictor import RATING, Biases, Predictor, render_context
+from twostage.predictor import LISTNET, RATING, Biases, Predictor, render_context
 
 if TYPE_CHECKING:
     from twostage.store import Store
 
 logger = logging.getLogger(__name__)
 
+METRICS = ("RMSE", "MAE", "AUC", "log-loss", "nDCG@10", "MRR")
 MF_GRID = {"k": (10, 50), "lambda_reg": (0.02, 0.05, 0.1), "max_iter": (20, 50, 100)}
 
 
@@ -137,6 +138,8 @@ def evaluate_predictions(
     seed: int = 0,
     max_examples: int | None = None,
     negatives: int = 1,
+    list_size: int = 16,
+    eval_lists: int = 200,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score the predictor and the baselines on ``split/part``; returns rows, comparisons and the run id."""
@@ -210,7 +213,23 @@ def evaluate_predictions(
     popularity: dict[str, int] = {}
     for i in train.items:
         popularity[i] = popularity.get(i, 0) + 1
-    for k, event in enumerate(t for t in predictor.targets if t != RATING):
+    if LISTNET in predictor.targets:
+        _evaluate_lists(
+            predictor,
+            held,
+            events,
+            seen,
+            catalogue_ids,
+            texts,
+            titles,
+            popularity,
+            list_size=list_size,
+            n_lists=eval_lists,
+            seed=seed,
+            n_resamples=n_resamples,
+            into=out,
+        )
+    for k, event in enumerate(t for t in predictor.targets if t not in (RATING, LISTNET)):
         _evaluate_event(
             predictor,
             event,
@@ -287,6 +306,70 @@ def _evaluate_event(
     into["comparisons"].append({"a": "base-rate", "b": "predictor", "target": event, **c.__dict__})
 
 
+def _evaluate_lists(
+    predictor: Predictor,
+    held: Outcomes,
+    events,
+    seen,
+    catalogue_ids,
+    texts,
+    titles,
+    popularity,
+    *,
+    list_size: int,
+    n_lists: int,
+    seed: int,
+    n_resamples: int,
+    into: dict[str, Any],
+) -> None:
+    """The ranking head on held-out lists (a held-out item among ``list_size − 1`` items the user never
+    touched): nDCG@10 and reciprocal rank, beside item popularity on the same lists."""
+    from twostage.train.predictor import make_lists
+
+    lists = make_lists(held, catalogue_ids, seen, list_size, seed + 3000)
+    if not len(lists):
+        return
+    rng = np.random.default_rng(seed)
+    if len(lists) > n_lists:
+        lists = lists.take(np.sort(rng.choice(len(lists), size=n_lists, replace=False)))
+    users = np.repeat(lists.users, list_size)
+    items = lists.items.reshape(-1)
+    skips = np.repeat(lists.items[:, 0], list_size)
+    contexts = [
+        render_context(
+            events.get(u, []),
+            titles,
+            rating_event=predictor.rating_event,
+            size=predictor.context_items,
+            skip=k,
+        )
+        for u, k in zip(users, skips, strict=True)
+    ]
+    scores = predictor.predict(contexts, [texts[i] for i in items], users, items)[LISTNET].reshape(
+        -1, list_size
+    )
+    pop = np.log1p(np.asarray([popularity.get(i, 0) for i in items], dtype=float)).reshape(-1, list_size)
+
+    def per_list(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # rank of the positive (column 0); ties counted against it, so a constant scorer earns nothing
+        rank = (s[:, 1:] >= s[:, :1]).sum(axis=1) + 1
+        return np.where(rank <= 10, 1.0 / np.log2(rank + 1), 0.0), 1.0 / rank
+
+    ours, base = per_list(scores), per_list(pop)
+    for name, (ndcg, rr) in (("predictor", ours), ("popularity", base)):
+        into["rows"].append(
+            {
+                "name": name,
+                "target": LISTNET,
+                "n": len(ndcg),
+                "nDCG@10": float(ndcg.mean()),
+                "MRR": float(rr.mean()),
+            }
+        )
+    c = paired_comparison(base[0], ours[0], metric="nDCG@10", n_resamples=n_resamples, seed=seed)
+    into["comparisons"].append({"a": "popularity", "b": "predictor", "target": LISTNET, **c.__dict__})
+
+
 def store_metrics(store: Store, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
     """One ``metrics`` row per (model, target, metric): stage is ``model:target``."""
     values = [
@@ -303,7 +386,7 @@ def table(result: Mapping[str, Any]) -> str:
     """The rows and comparisons as fixed-width text (the CLI's output)."""
     lines = []
     for r in result.get("rows", []):
-        cells = [f"{m} {r[m]:.4f}" for m in ("RMSE", "MAE", "AUC", "log-loss") if m in r]
+        cells = [f"{m} {r[m]:.4f}" for m in METRICS if m in r]
         lines.append(f"{r['name']:<12} {r['target']:<8} n={r['n']:<6} " + "  ".join(cells))
     for c in result.get("comparisons", []):
         lines.append(

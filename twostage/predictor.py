@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 RECORD_FILE, HEADS_FILE, BIASES_FILE, ENCODER_DIR = "predictor.json", "heads.pt", "biases.npz", "encoder"
 RATING = "rating"  # the regression target's name; binary targets are named by their event type
+LISTNET = "listnet"  # the ranking head's name: a score per (user, item), trained listwise
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ class Predictor:
         *,
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Per target: predicted ratings, or probabilities of the event, one per (context, item) pair."""
+        """Per target, one value per (context, item) pair: the predicted rating, the ranking score (listnet)
+        or the probability of the event."""
         import torch
 
         n = len(contexts)
@@ -221,7 +223,8 @@ class Predictor:
                 )
                 for t, value in heads.items():
                     value = value.float()
-                    out[t].append((value if t == RATING else torch.sigmoid(value)).numpy().astype(np.float64))
+                    value = value if t in (RATING, LISTNET) else torch.sigmoid(value)
+                    out[t].append(value.numpy().astype(np.float64))
         return {t: np.concatenate(v) if v else np.zeros(0) for t, v in out.items()}
 
     # ------------------------------------------------------------------ persistence

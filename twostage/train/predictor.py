@@ -24,7 +24,7 @@ import numpy as np
 
 from twostage.errors import NotFoundError
 from twostage.outcomes import Outcomes, held_outcomes, sample_negatives, train_outcomes
-from twostage.predictor import RATING, Biases, Predictor, build_net, render_context
+from twostage.predictor import LISTNET, RATING, Biases, Predictor, build_net, render_context
 
 if TYPE_CHECKING:
     from twostage.config import PredictorConfig
@@ -80,7 +80,7 @@ def make_examples(
 ) -> Examples:
     """The examples of every target from ``outcomes`` (bias offsets left at 0; see :func:`oof_offsets`)."""
     parts: list[Examples] = []
-    if config.rating:
+    if config.tasks.get(RATING, 0.0) > 0:
         rated = outcomes.of(rating_event)
         keep = np.isfinite(rated.values)
         rated = rated.take(np.flatnonzero(keep))
@@ -88,7 +88,7 @@ def make_examples(
         parts.append(
             Examples(rated.users, rated.items, np.full(n, RATING, dtype=object), rated.values, np.zeros(n))
         )
-    for k, event in enumerate(config.events):
+    for k, event in enumerate(event_tasks(config)):
         pos = outcomes.of(event)
         users, items = sample_negatives(pos, catalogue_ids, dict(seen), config.negatives, seed + k)
         n_pos, n_neg = len(pos), len(users)
@@ -104,6 +104,52 @@ def make_examples(
     if not parts:
         return Examples(*(np.zeros(0, dtype=object),) * 3, np.zeros(0), np.zeros(0))
     return Examples.concat(parts)
+
+
+def event_tasks(config: PredictorConfig) -> list[str]:
+    """The event types with a binary head: every task that is neither the rating nor the ranking one."""
+    return [t for t, w in config.tasks.items() if w > 0 and t not in (RATING, LISTNET)]
+
+
+@dataclass(frozen=True)
+class Lists:
+    """Ranking lists: per list a user, its positive item (column 0 of ``items``) and sampled negatives."""
+
+    users: np.ndarray
+    items: np.ndarray  # (lists, list_size) of item ids
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def take(self, index: np.ndarray) -> Lists:
+        return Lists(self.users[index], self.items[index])
+
+
+def make_lists(
+    outcomes: Outcomes, catalogue_ids: np.ndarray, seen: Mapping[str, set[str]], size: int, seed: int
+) -> Lists:
+    """One list per (user, item) of ``outcomes``: the item, then ``size − 1`` items the user never touched."""
+    pairs = sorted(
+        {(u, i) for u, i in zip(outcomes.users, outcomes.items, strict=True) if i in set(catalogue_ids)}
+    )
+    if not pairs:
+        return Lists(np.zeros(0, dtype=object), np.zeros((0, size), dtype=object))
+    users = np.asarray([u for u, _ in pairs], dtype=object)
+    positives = Outcomes(users, np.asarray([i for _, i in pairs], dtype=object), users, np.zeros(len(users)))
+    neg_users, neg_items = sample_negatives(positives, catalogue_ids, dict(seen), size - 1, seed)
+    by_user: dict[str, list[str]] = {}
+    for u, i in zip(neg_users, neg_items, strict=True):
+        by_user.setdefault(u, []).append(i)
+    rows, kept = [], []
+    cursor: dict[str, int] = {}
+    for n, (u, i) in enumerate(pairs):
+        start = cursor.get(u, 0)
+        negs = by_user.get(u, [])[start : start + size - 1]
+        cursor[u] = start + size - 1
+        if len(negs) == size - 1:
+            rows.append([i, *negs])
+            kept.append(n)
+    return Lists(users[kept], np.asarray(rows, dtype=object).reshape(len(rows), size))
 
 
 def oof_offsets(examples: Examples, folds: int, seed: int) -> tuple[np.ndarray, Biases]:
@@ -176,8 +222,36 @@ def _losses(predictor: Predictor, batches: _Batches, ex: Examples) -> dict[str, 
     return out
 
 
-def validation_losses(predictor: Predictor, batches: _Batches, ex: Examples) -> dict[str, float]:
-    """Mean loss per target over ``ex`` (RMSE for ratings, log-loss for events), without gradients."""
+def _list_loss(predictor: Predictor, batches: _Batches, lists: Lists) -> Any:
+    """ListNet with one positive: softmax cross-entropy of each list's logits against its first item."""
+    from torch.nn import functional as F
+
+    size = lists.items.shape[1]
+    users = np.repeat(lists.users, size)
+    items = lists.items.reshape(-1)
+    # every pair of a list reads the same context: the user's events without the list's positive
+    skips = np.repeat(lists.items[:, 0], size)
+    contexts = [
+        render_context(
+            batches.events.get(u, []),
+            batches.titles,
+            rating_event=batches.rating_event,
+            size=batches.size,
+            skip=k,
+        )
+        for u, k in zip(users, skips, strict=True)
+    ]
+    logits = predictor.net(**predictor.encode(contexts, [batches.texts[i] for i in items]))[LISTNET].view(
+        -1, size
+    )
+    return F.cross_entropy(logits, logits.new_zeros(len(lists), dtype=int))
+
+
+def validation_losses(
+    predictor: Predictor, batches: _Batches, ex: Examples, lists: Lists | None = None
+) -> dict[str, float]:
+    """Mean loss per target over ``ex`` (RMSE for ratings, log-loss for events) and ``lists`` (ListNet's
+    cross-entropy), without gradients."""
     import torch
 
     sums: dict[str, float] = {}
@@ -190,6 +264,14 @@ def validation_losses(predictor: Predictor, batches: _Batches, ex: Examples) -> 
                 n = int((part.targets == target).sum())
                 sums[target] = sums.get(target, 0.0) + float(loss) * n
                 counts[target] = counts.get(target, 0) + n
+        if lists is not None and len(lists):
+            step = max(1, predictor.batch_size // lists.items.shape[1])
+            for start in range(0, len(lists), step):
+                part = lists.take(np.arange(start, min(start + step, len(lists))))
+                sums[LISTNET] = sums.get(LISTNET, 0.0) + float(_list_loss(predictor, batches, part)) * len(
+                    part
+                )
+                counts[LISTNET] = counts.get(LISTNET, 0) + len(part)
     means = {t: sums[t] / counts[t] for t in sums}
     return {t: (float(np.sqrt(v)) if t == RATING else v) for t, v in means.items()}
 
@@ -207,40 +289,41 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     rating_event = project.config.relevance.rating_event
     store = project.store
     store.require_split(split)
-    targets = ((RATING,) if cfg.rating else ()) + tuple(cfg.events)
-    if not targets:
-        raise NotFoundError("[predictor] has no target: set rating = true or list event types in events")
+    weights = {t: w for t, w in cfg.tasks.items() if w > 0}
+    targets = tuple(weights)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
     catalogue = project.catalogue()
     catalogue_ids = np.asarray(sorted(catalogue.texts), dtype=object)
+    known = np.vectorize(lambda i: i in catalogue.texts, otypes=[bool])
     train = train_outcomes(store, split)
     seen = _seen(store)
     events = user_events(train)
+    held = held_outcomes(store, split, "valid")
     train_ex = make_examples(
         train, cfg, rating_event=rating_event, catalogue_ids=catalogue_ids, seen=seen, seed=cfg.seed
     )
-    train_ex = train_ex.take(np.flatnonzero([i in catalogue.texts for i in train_ex.items]))
-    if not len(train_ex):
+    train_ex = train_ex.take(np.flatnonzero(known(train_ex.items))) if len(train_ex) else train_ex
+    valid_ex = make_examples(
+        held, cfg, rating_event=rating_event, catalogue_ids=catalogue_ids, seen=seen, seed=cfg.seed + 1000
+    )
+    valid_ex = valid_ex.take(np.flatnonzero(known(valid_ex.items))) if len(valid_ex) else valid_ex
+    valid_ex = _sample(valid_ex, cfg.eval_examples, rng)
+    train_lists = valid_lists = None
+    if LISTNET in weights:
+        train_lists = make_lists(train, catalogue_ids, seen, cfg.list_size, cfg.seed + 2000)
+        valid_lists = _sample_lists(
+            make_lists(held, catalogue_ids, seen, cfg.list_size, cfg.seed + 3000), cfg.eval_lists, rng
+        )
+    if not len(train_ex) and not (train_lists is not None and len(train_lists)):
         raise NotFoundError(
-            f"split '{split}' has no training events for the predictor's targets {list(targets)}"
+            f"split '{split}' has no training events for the predictor's tasks {list(targets)}"
         )
     biases = None
-    if cfg.rating and cfg.residual and (train_ex.targets == RATING).any():
+    if RATING in weights and cfg.residual and (train_ex.targets == RATING).any():
         offsets, biases = oof_offsets(train_ex, cfg.bias_folds, cfg.seed)
         train_ex = Examples(train_ex.users, train_ex.items, train_ex.targets, train_ex.labels, offsets)
-    valid_ex = make_examples(
-        held_outcomes(store, split, "valid"),
-        cfg,
-        rating_event=rating_event,
-        catalogue_ids=catalogue_ids,
-        seen=seen,
-        seed=cfg.seed + 1000,
-    )
-    valid_ex = valid_ex.take(np.flatnonzero([i in catalogue.texts for i in valid_ex.items]))
-    valid_ex = _sample(valid_ex, cfg.eval_examples, rng)
-    if biases is not None:
         valid_ex = Examples(
             valid_ex.users,
             valid_ex.items,
@@ -270,31 +353,40 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
         cfg.context_items,
     )
 
-    per_epoch = min(len(train_ex), cfg.max_train_examples)
-    total = cfg.epochs * -(-per_epoch // cfg.batch_size)
-    encoder_params = list(net.encoder.parameters())
+    # a step takes batch_size pointwise examples and lists_per_batch lists; the epoch is the longer of the two
+    per_epoch = -(-min(len(train_ex), cfg.max_train_examples) // cfg.batch_size)
+    if train_lists is not None:
+        per_epoch = max(per_epoch, -(-min(len(train_lists), cfg.max_train_examples) // cfg.lists_per_batch))
+    total = cfg.epochs * per_epoch
     optimizer = torch.optim.AdamW(
         [
-            {"params": encoder_params, "lr": cfg.learning_rate},
-            {"params": net.heads.parameters(), "lr": cfg.head_learning_rate},
+            {"params": list(net.encoder.parameters()), "lr": cfg.learning_rate},
+            {"params": list(net.heads.parameters()), "lr": cfg.head_learning_rate},
         ],
         weight_decay=0.01,
     )
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 10), total)
     budget = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
 
-    def score(losses: Mapping[str, float]) -> float:
-        return float(sum(losses[t] / max(start_losses[t], 1e-9) for t in losses))
+    def validate() -> dict[str, float]:
+        return validation_losses(predictor, batches, valid_ex, valid_lists)
 
-    start_losses = validation_losses(predictor, batches, valid_ex) if len(valid_ex) else {}
+    start_losses = validate()
+
+    def score(losses: Mapping[str, float]) -> float:  # each task's loss relative to where it started
+        return float(sum(weights[t] * losses[t] / max(start_losses[t], 1e-9) for t in losses))
+
     best = {"step": 0, "losses": start_losses, "score": score(start_losses) if start_losses else float("inf")}
     best_state = copy.deepcopy(net.state_dict())
     logger.info(
-        "predictor: %d training examples (%d per epoch, %d steps), %d validation; at start %s%s",
+        "predictor: tasks %s; %d pointwise examples, %s lists; %d steps; validation %d examples, %s lists; "
+        "at start %s%s",
+        weights,
         len(train_ex),
-        per_epoch,
+        len(train_lists) if train_lists is not None else 0,
         total,
         len(valid_ex),
+        len(valid_lists) if valid_lists is not None else 0,
         _fmt(start_losses),
         f"; budget {budget / 60:.0f} min" if budget else "",
     )
@@ -303,38 +395,43 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     loop_started = time.perf_counter()
     for _epoch in range(cfg.epochs):
         epoch_ex = _sample(train_ex, cfg.max_train_examples, rng)
-        for start in range(0, per_epoch, cfg.batch_size):
+        epoch_lists = (
+            _sample_lists(train_lists, cfg.max_train_examples, rng) if train_lists is not None else None
+        )
+        for n in range(per_epoch):
             net.train()
-            losses = _losses(
-                predictor, batches, epoch_ex.take(np.arange(start, min(start + cfg.batch_size, per_epoch)))
-            )
-            loss = sum(losses.values())
+            losses: dict[str, Any] = {}
+            if len(epoch_ex):
+                chunk = np.arange(n * cfg.batch_size, (n + 1) * cfg.batch_size) % len(epoch_ex)
+                losses.update(_losses(predictor, batches, epoch_ex.take(chunk)))
+            if epoch_lists is not None and len(epoch_lists):
+                chunk = np.arange(n * cfg.lists_per_batch, (n + 1) * cfg.lists_per_batch) % len(epoch_lists)
+                losses[LISTNET] = _list_loss(predictor, batches, epoch_lists.take(chunk))
+            loss = sum(weights[t] * v for t, v in losses.items())
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             step += 1
-            elapsed = time.perf_counter() - loop_started
             if step % cfg.eval_every == 0 or step == total:
-                if len(valid_ex):
-                    now = validation_losses(predictor, batches, valid_ex)
-                    history.append({"step": step, **now})
-                    if score(now) < best["score"] - 1e-6:
-                        best, waited = {"step": step, "losses": now, "score": score(now)}, 0
-                        best_state = copy.deepcopy(net.state_dict())
-                    else:
-                        waited += 1
-                    eta = elapsed / step * (total - step)
-                    logger.info(
-                        "predictor step %d/%d: valid %s (best at %d); ETA %.0f s",
-                        step,
-                        total,
-                        _fmt(now),
-                        best["step"],
-                        eta,
-                    )
-                if waited >= cfg.patience:
+                now = validate()
+                history.append({"step": step, **now})
+                if now and score(now) < best["score"] - 1e-6:
+                    best, waited = {"step": step, "losses": now, "score": score(now)}, 0
+                    best_state = copy.deepcopy(net.state_dict())
+                else:
+                    waited += 1
+                elapsed = time.perf_counter() - loop_started
+                logger.info(
+                    "predictor step %d/%d: valid %s (best at %d); ETA %.0f s",
+                    step,
+                    total,
+                    _fmt(now),
+                    best["step"],
+                    elapsed / step * (total - step),
+                )
+                if waited >= cfg.patience and now:
                     stopped = "early stopping"
                     break
             if budget is not None and time.perf_counter() - started > budget:
@@ -347,8 +444,14 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     predictor.record = {
         "split": split,
         "model": cfg.model,
+        "tasks": weights,
         "targets": list(targets),
-        "examples": {"train": len(train_ex), "valid": len(valid_ex)},
+        "examples": {
+            "train": len(train_ex),
+            "valid": len(valid_ex),
+            "train_lists": len(train_lists) if train_lists is not None else 0,
+            "valid_lists": len(valid_lists) if valid_lists is not None else 0,
+        },
         "steps": step,
         "planned_steps": total,
         "best_step": best["step"],
@@ -369,6 +472,12 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
         _fmt(best["losses"]),
     )
     return predictor.record
+
+
+def _sample_lists(lists: Lists, limit: int | None, rng: np.random.Generator) -> Lists:
+    if limit is None or len(lists) <= limit:
+        return lists.take(rng.permutation(len(lists)))
+    return lists.take(rng.choice(len(lists), size=limit, replace=False))
 
 
 def _seen(store: Any) -> dict[str, set[str]]:
