@@ -238,3 +238,49 @@ def test_a_changed_file_is_refused_on_load(tmp_path, tiny_bert_path):
         f.write(b"x")
     with pytest.raises(IndexMismatchError, match=r"heads\.pt"):
         Predictor.load(path)
+
+
+def test_recommend_blends_expected_ratings_on_the_one_ranking_path(tmp_path, tiny_bert_path, monkeypatch):
+    from conftest import make_served_project
+
+    from twostage import experiment, snapshot
+
+    monkeypatch.setattr(experiment, "COLD_USERS", 3)
+    extra = (
+        f'[predictor]\nmodel = "{tiny_bert_path}"\nmax_length = 64\nmax_train_examples = 64\neval_examples = 16\n'
+        "eval_every = 2\nbias_folds = 2\nrecommend_weight = 1.0\nrecommend_depth = 6\n"
+    )
+    project = make_served_project(tmp_path, tiny_bert_path, extra)
+    engine = Engine.open(project)
+    plain = engine.recommend("1", k=10).item_ids()
+    engine.train_predictor()
+    pipe = engine.pipeline()
+    assert pipe.predictor is not None and pipe.counts.ratings is not None
+    blended = engine.recommend("1", k=10)
+    # with weight 1 the top 6 are the plain top 6 ordered by expected rating; the rest keeps its order
+    assert sorted(blended.item_ids()[:6]) == sorted(plain[:6]) and blended.item_ids()[6:] == plain[6:]
+    history = engine.store.histories(["1"])["1"]
+    rated = pipe.counts.ratings["1"]
+    expected = pipe.predictor.expected_ratings(
+        "1", [(i, rated.get(i, math.nan)) for i in history], plain[:6], pipe.catalogue
+    )
+    by_rating = [plain[n] for n in sorted(range(6), key=lambda n: -expected[n])]
+    assert blended.item_ids()[:6] == by_rating
+    # evaluate scores exactly what recommend returns at the split's cut-off
+    split = engine.default_split()
+    report = engine.evaluate(baselines=False)
+    _, stored = engine.store.sql(
+        "SELECT request_id, item_id FROM results WHERE run_id = ? AND stage = 'rerank' ORDER BY request_id, rank",
+        [report.extra["run_id"]],
+    )
+    user = stored[0][0]
+    assert engine.recommend(user, k=len([1 for u, _ in stored if u == user]), split=split).item_ids() == [
+        i for u, i in stored if u == user
+    ]
+    # and a published snapshot serves the same blend
+    engine.publish()
+    served = snapshot.load(project)
+    assert served.pipeline.predictor is not None
+    theirs = served.pipeline.rank([served.pipeline.user_request("1", served.history("1"))], 10)[0]
+    assert theirs.item_ids() == blended.item_ids()
+    engine.close()

@@ -142,3 +142,27 @@ def user_log(store: Store, user_id: str, limit: int) -> list[tuple[str, str, flo
         [user_id, limit],
     )
     return [(i, e, float("nan") if v is None else float(v)) for i, e, v in rows]
+
+
+def user_ratings(store: Store, split: str | None, rating_event: str) -> dict[str, dict[str, float]]:
+    """Each user's latest rating of each item they rated, before their earliest held-out cut-off in ``split``
+    (every event when None): the ratings the expected-rating blend reads beside a user's history."""
+    cut = (
+        f"WITH cut AS ({_USER_CUT})"
+        if split is not None
+        else "WITH cut AS (SELECT NULL AS user_id, NULL AS cts, NULL AS cseq WHERE false)"
+    )
+    rows = _rows(
+        store,
+        f"""
+        {cut}
+        SELECT e.user_id, e.item_id, arg_max(e.value, (e.ts, e.seq)) FROM events e LEFT JOIN cut c USING (user_id)
+        WHERE e.event = ? AND e.value IS NOT NULL AND (c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq))
+        GROUP BY 1, 2
+        """,
+        ([split] if split is not None else []) + [rating_event],
+    )
+    out: dict[str, dict[str, float]] = {}
+    for user, item, value in rows:
+        out.setdefault(user, {})[item] = float(value)
+    return out

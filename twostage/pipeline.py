@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from twostage.config import IndexConfig, RerankerConfig, RetrieverConfig
+from twostage.config import IndexConfig, PredictorConfig, RerankerConfig, RetrieverConfig
 from twostage.cowatch import shared_history
 from twostage.errors import ConfigError, NotFoundError, TwostageError
 from twostage.explain import explain_hits
 from twostage.features import candidate_features
-from twostage.ranker import LEXICAL_FUSIONS, TIE_DECIMALS, Candidate, fuse, fuse_channels, mmr
+from twostage.ranker import LEXICAL_FUSIONS, TIE_DECIMALS, Candidate, fuse, fuse_channels, mmr, zscore
 from twostage.requests import Request, user_text
 from twostage.results import Hit, Ranking
 
@@ -64,6 +64,19 @@ class PairScorer(Protocol):
     def score(self, pairs: Sequence[tuple[str, str]], *, progress: bool = False) -> np.ndarray: ...
 
 
+class RatingPredictor(Protocol):
+    """What the expected-rating blend needs of a behaviour predictor (``twostage.predictor.Predictor`` is
+    one): a predicted rating per item for a user and their rated history."""
+
+    def expected_ratings(
+        self,
+        user_id: str,
+        history: Sequence[tuple[str, float]],
+        item_ids: Sequence[str],
+        catalogue: Catalogue,
+    ) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class Settings:
     """How a pipeline ranks with its models; every value comes from ``twostage.config`` (or tuning).
@@ -91,6 +104,8 @@ class Settings:
     mmr_depth: int = RerankerConfig.mmr_depth
     exclude_seen: bool = IndexConfig.exclude_seen
     max_k: int = IndexConfig.max_k
+    predict_weight: float = 0.0
+    predict_depth: int = PredictorConfig.recommend_depth
 
     def __post_init__(self) -> None:
         for key in (
@@ -100,10 +115,11 @@ class Settings:
             "popularity_pool",
             "popularity_pool_factor",
             "max_k",
+            "predict_depth",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be at least 1, got {getattr(self, key)}", key=key)
-        for key in ("fusion_weight", "lexical_weight", "items_weight"):
+        for key in ("fusion_weight", "lexical_weight", "items_weight", "predict_weight"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"must be between 0 and 1, got {getattr(self, key)}", key=key)
         if self.lexical_fusion not in LEXICAL_FUSIONS:
@@ -122,13 +138,15 @@ class Settings:
 class LogCounts:
     """What a pipeline reads from the event log, counted up to one moment (all events when serving, the
     events before a split's cut-offs when evaluating): users per item, each item's co-watched items, and the
-    item texts stage 2 reads (which may quote the co-watch lists; None = the catalogue's texts), and the EASE
-    item-to-item weights of the items recall channel and the learned ranker's features (None = not fit)."""
+    item texts stage 2 reads (which may quote the co-watch lists; None = the catalogue's texts), the EASE
+    item-to-item weights of the items recall channel and the learned ranker's features (None = not fit), and
+    each user's ratings of the items they rated (the expected-rating blend's context; None = not read)."""
 
     popularity: Mapping[str, float] = field(default_factory=dict)
     cowatched: Mapping[str, Sequence[str]] = field(default_factory=dict)
     rerank_texts: Mapping[str, str] | None = None
     items: ItemItem | None = None
+    ratings: Mapping[str, Mapping[str, float]] | None = None
 
 
 def _new_version() -> str:
@@ -156,6 +174,7 @@ class Pipeline:
     counts: LogCounts = field(default_factory=LogCounts)
     lexical: LexicalSearch | None = None
     learned: LearnedRanker | None = None
+    predictor: RatingPredictor | None = None
     version: str = field(default_factory=_new_version)
     # memoized() pipelines remember their stage-1 lists here (shared by their variants)
     recall_memo: dict | None = field(default=None, repr=False)
@@ -286,6 +305,8 @@ class Pipeline:
             ordered = (
                 next(reranked) if stage2 else [_Ranked(i, s, s, None, "recall") for i, s in recalled.hits]
             )
+            if stage == "rerank" and self.blends(request):
+                ordered = self._blend_expected_ratings(request, ordered)
             if lam is not None and lam < 1.0:
                 ordered = self._diversify(ordered, lam)
             top = ordered[:k]
@@ -512,6 +533,29 @@ class Pipeline:
             ]
             out.append(ranked)
         return out
+
+    def blends(self, request: Request) -> bool:
+        """True when the final order is blended with the predictor's expected ratings: a predictor, a weight
+        above 0 and a user (a request with a history)."""
+        return self.predictor is not None and self.settings.predict_weight > 0.0 and bool(request.history)
+
+    def _blend_expected_ratings(self, request: Request, ordered: list[_Ranked]) -> list[_Ranked]:
+        """Reorder the top ``predict_depth`` by ``(1 − b)·z(score) + b·z(expected rating)``; the rest keeps its
+        order below them. The context is the request's history with the user's ratings as counted."""
+        assert self.predictor is not None
+        head, tail = ordered[: self.settings.predict_depth], ordered[self.settings.predict_depth :]
+        if len(head) < 2:
+            return ordered
+        rated = (self.counts.ratings or {}).get(request.request_id, {})
+        history = [(i, rated.get(i, math.nan)) for i in request.history]
+        expected = self.predictor.expected_ratings(
+            request.request_id, history, [r.item_id for r in head], self.catalogue
+        )
+        b = self.settings.predict_weight
+        blended = (1.0 - b) * zscore(np.asarray([r.score for r in head])) + b * zscore(expected)
+        order = sorted(range(len(head)), key=lambda n: (-round(float(blended[n]), TIE_DECIMALS), n))
+        # a head hit's score is the blend it was sorted by (as MMR does, the tail keeps its own scores)
+        return [dataclasses.replace(head[n], score=float(blended[n])) for n in order] + tail
 
     def _diversify(self, ordered: list[_Ranked], lam: float) -> list[_Ranked]:
         """MMR over the top ``min(mmr_depth, recall_depth)``; the rest keeps its order below.

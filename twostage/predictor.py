@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from twostage.atomic import file_sha256, replace_dir, staging_dir, write_file
-from twostage.errors import IndexMismatchError, NotFoundError
+from twostage.errors import ConfigError, IndexMismatchError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -169,6 +170,8 @@ class Predictor:
     biases: Biases | None
     record: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
+    # one model pass at a time: a fast tokenizer refuses to be borrowed by two threads at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def encode(self, contexts: Sequence[str], item_texts: Sequence[str]) -> Mapping[str, Any]:
         """Tokenised pairs; the context is truncated first, so the item's own text is kept whole."""
@@ -203,6 +206,11 @@ class Predictor:
     ) -> dict[str, np.ndarray]:
         """Per target, one value per (context, item) pair: the predicted rating, the ranking score (listnet)
         or the probability of the event."""
+
+        with self._lock:
+            return self._predict(contexts, item_texts, users, items, progress=progress)
+
+    def _predict(self, contexts, item_texts, users, items, *, progress: bool) -> dict[str, np.ndarray]:
         import torch
 
         n = len(contexts)
@@ -226,6 +234,25 @@ class Predictor:
                     value = value if t in (RATING, LISTNET) else torch.sigmoid(value)
                     out[t].append(value.numpy().astype(np.float64))
         return {t: np.concatenate(v) if v else np.zeros(0) for t, v in out.items()}
+
+    def expected_ratings(
+        self, user_id: str, history: Sequence[tuple[str, float]], item_ids: Sequence[str], catalogue: Any
+    ) -> np.ndarray:
+        """Predicted ratings of ``item_ids`` for a user whose history is (item, rating or NaN), newest first:
+        what the pipeline's expected-rating blend reads (see ``twostage.pipeline.RatingPredictor``)."""
+        if RATING not in self.targets:
+            raise ConfigError(
+                "the behaviour predictor has no rating head; train it with [predictor] tasks including rating",
+                key="predictor.recommend_weight",
+            )
+        events = [(i, self.rating_event, float(v)) for i, v in history]
+        titles = {i: catalogue.title(i) for i, _, _ in events[: 4 * self.context_items] if i in catalogue}
+        contexts = [
+            render_context(events, titles, rating_event=self.rating_event, size=self.context_items, skip=i)
+            for i in item_ids
+        ]
+        texts = [catalogue.text(i) for i in item_ids]
+        return self.predict(contexts, texts, [user_id] * len(item_ids), list(item_ids))[RATING]
 
     # ------------------------------------------------------------------ persistence
     def save(self, target: Path) -> Path:

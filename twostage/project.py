@@ -59,6 +59,7 @@ _READS = {
     "learned": {"models"},
     "predictor": {"models"},
     "popularity": {"events", "splits"},
+    "ratings": {"events", "splits"},
     "encoder": {"models"},
     "reranker": {"models"},
     "record": {"models", "record"},
@@ -531,7 +532,28 @@ class Project:
             mmr_depth=cfg.mmr_depth,
             exclude_seen=self.config.index.exclude_seen,
             max_k=self.config.index.max_k,
+            predict_weight=self.config.predictor.recommend_weight,
+            predict_depth=self.config.predictor.recommend_depth,
         )
+
+    def blend_predictor(self) -> Predictor | None:
+        """The behaviour predictor when ``[predictor] recommend_weight`` > 0 asks ``recommend`` to blend in
+        expected ratings (a warning, and None, when it is not trained)."""
+        if self.config.predictor.recommend_weight <= 0.0:
+            return None
+        if not self.models_dir("predictor").exists():
+            self._warn_once(
+                "[predictor] recommend_weight is set but there is no predictor: run 'twostage train predictor'"
+            )
+            return None
+        return self.predictor()
+
+    def user_ratings(self, split: str | None = None) -> dict[str, dict[str, float]]:
+        """Each user's ratings as of ``split``'s cut-offs (all when None): the expected-rating blend's context."""
+        from twostage.outcomes import user_ratings
+
+        rating_event = self.config.relevance.rating_event
+        return self._memo.get(("ratings", split), lambda: user_ratings(self.store, split, rating_event))
 
     def pipeline(self, split: str | None = None, *, all_counts: bool = False) -> Pipeline:
         """The project's models, index and settings, reading the log as of ``split`` (see :meth:`counted`)."""
@@ -551,6 +573,7 @@ class Project:
             reranker=reranker,
             lexical=self.lexical_channel(settings.lexical_weight),
             learned=learned,
+            predictor=self.blend_predictor(),
         )
         return self.counted(pipe, split, all_counts=all_counts)
 
@@ -579,6 +602,9 @@ class Project:
                 cowatched=self.cowatch_lists(at) if cowatch else {},
                 rerank_texts=self.rerank_texts(at) if stage2 else None,
                 items=self.item_model(at) if items else None,
+                ratings=self.user_ratings(at)
+                if pipe.predictor is not None and settings.predict_weight > 0
+                else None,
             )
         )
 

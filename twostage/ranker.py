@@ -43,7 +43,7 @@ class RerankedHit:
     cowatch: float = 0.0
 
 
-def _zscore(x: np.ndarray) -> np.ndarray:
+def zscore(x: np.ndarray) -> np.ndarray:
     """(x - mean) / std within one candidate list; a constant list maps to zeros."""
     x = x.astype(np.float64)
     std = x.std()
@@ -104,15 +104,15 @@ def fuse(
     stage1_rank = 1 + np.searchsorted(np.sort(-stage1), -stage1, side="left")
     cowatch = np.array([float(c.cowatch) for c in candidates], dtype=np.float64)
     if cowatch_weight > 0.0:
-        fused = fusion_weight * _zscore(stage1) + cowatch_weight * _zscore(cowatch)
+        fused = fusion_weight * zscore(stage1) + cowatch_weight * zscore(cowatch)
         if fusion_weight < 1.0:
-            fused += (1.0 - fusion_weight) * _zscore(rerank)
+            fused += (1.0 - fusion_weight) * zscore(rerank)
     elif fusion_weight == 0.0:
         fused = rerank
     elif fusion_weight == 1.0:
         fused = stage1
     else:
-        fused = (1.0 - fusion_weight) * _zscore(rerank) + fusion_weight * _zscore(stage1)
+        fused = (1.0 - fusion_weight) * zscore(rerank) + fusion_weight * zscore(stage1)
     # Identical pairs can differ in the last float32 bits depending on their row in a batch; rounding the
     # sort key makes such near-ties real ties, so the tie-break (and batch vs single scoring) is stable.
     key = np.round(fused, TIE_DECIMALS)

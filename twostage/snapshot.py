@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,9 @@ def publish(project: Project) -> dict[str, Any]:
             write_item_model(staged / "ease.npz", counts.items)
         if pipe.learned is not None:
             pipe.learned.save(staged / "ranker")
+        if pipe.predictor is not None and counts.ratings is not None:  # the expected-rating blend
+            pipe.predictor.save(staged / "predictor")
+            _write_ratings(staged / "ratings.parquet", counts.ratings)
         _link_tree(project.index_dir(), staged / "index")
         models = {
             "retriever": _freeze_model(
@@ -225,6 +229,33 @@ def _write_map(path: Path, column: str, values: dict[str, Any]) -> None:
     pq.write_table(pa.table({"item_id": list(values), column: list(values.values())}), path)
 
 
+def _write_ratings(path: Path, ratings: Mapping[str, Mapping[str, float]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(u, i, v) for u, rated in ratings.items() for i, v in rated.items()]
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([r[0] for r in rows], pa.string()),
+                "item_id": pa.array([r[1] for r in rows], pa.string()),
+                "value": pa.array([r[2] for r in rows], pa.float64()),
+            }
+        ),
+        path,
+    )
+
+
+def _read_ratings(path: Path) -> dict[str, dict[str, float]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pydict()
+    out: dict[str, dict[str, float]] = {}
+    for u, i, v in zip(table["user_id"], table["item_id"], table["value"], strict=True):
+        out.setdefault(u, {})[i] = v
+    return out
+
+
 def _file_table(root: Path) -> dict[str, dict[str, Any]]:
     return {
         str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
@@ -285,11 +316,17 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
         if ease is None:
             raise InputError("unreadable EASE weights; publish again", file=str(root / "ease.npz"))
     learned = LearnedRanker.load(root / "ranker") if (root / "ranker").exists() else None
+    predictor = None
+    if (root / "predictor").exists():
+        from twostage.predictor import Predictor
+
+        predictor = Predictor.load(root / "predictor")
     counts = LogCounts(
         popularity=_read_map(root / "popularity.parquet", "users"),
         cowatched={i: tuple(v) for i, v in _read_map(root / "cowatched.parquet", "cowatched").items()},
         rerank_texts=rerank_texts,
         items=ease,
+        ratings=_read_ratings(root / "ratings.parquet") if predictor is not None else None,
     )
     served = Settings(**settings["settings"])
     lexical = None
@@ -307,6 +344,7 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
         counts=counts,
         lexical=lexical,
         learned=learned,
+        predictor=predictor,
         version=snapshot_id,
     )
     table = pq.read_table(root / "histories.parquet").to_pydict()
