@@ -804,6 +804,10 @@ loss = "listnet"              # or "lambdaloss", "listmle"
 # cowatch_weight = 0.5        # recommendation: weight of "how many recent items are co-watched with it";
                               # unset, chosen on validation with fusion_weight when the reranker is trained
 
+[predictor]                   # twostage train predictor: how a user will rate an item (and act on it)
+tasks = { rating = 1.0 }      # add listnet = 0.3 (ranking) or an event type (e.g. purchase = 1.0)
+# recommend_weight = 0.3      # blend expected ratings into recommend's top recommend_depth
+
 [eval]
 ks = [1, 5, 10, 100]
 

@@ -76,12 +76,63 @@ def run(root: Path, by: str, *, max_examples: int | None, reuse: bool) -> dict[s
     }
 
 
+VARIANTS = {
+    "rating only": {"rating": 1.0},
+    "ranking only": {"listnet": 1.0},
+    "multi-task": {"rating": 1.0, "listnet": 0.3},
+}
+
+
+def multitask(base: Path, root: Path, *, budget: float, max_examples: int | None) -> dict[str, Any]:
+    """The shared encoder trained on rating and ranking together against each task alone: each variant copies
+    the base project's store, trains with the same time budget, and is scored on the same test ratings and
+    lists."""
+    import shutil
+
+    out: dict[str, Any] = {"budget_minutes": budget, "variants": {}}
+    for name, tasks in VARIANTS.items():
+        target = root / name.replace(" ", "-")
+        shutil.rmtree(target, ignore_errors=True)
+        Engine.init(target)
+        shutil.copy(base / "twostage.duckdb", target / "twostage.duckdb")
+        spec = ", ".join(f"{k} = {v}" for k, v in tasks.items())
+        config = (base / "twostage.toml").read_text()
+        config += f"\n[predictor]\ntasks = {{ {spec} }}\ntime_budget_minutes = {budget}\n"
+        (target / "twostage.toml").write_text(config)
+        with Engine.open(target, progress=False) as engine:
+            trained = engine.train_predictor()
+            scored = engine.evaluate_predictions(part="test", max_examples=max_examples)
+        out["variants"][name] = {
+            "tasks": tasks,
+            "training": {
+                k: trained[k] for k in ("examples", "steps", "best_step", "stopped", "valid_best", "seconds")
+            },
+            "rows": scored["rows"],
+            "comparisons": scored["comparisons"],
+        }
+        print(
+            name,
+            json.dumps(
+                [
+                    {k: v for k, v in r.items() if k != "seconds"}
+                    for r in scored["rows"]
+                    if r["name"] == "predictor"
+                ]
+            ),
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", action="append", choices=["time", "event"], help="default: both")
     parser.add_argument("--project-root", default="/tmp/bench_predict", help="projects are made under it")
     parser.add_argument("--max-examples", type=int, help="a seeded sample of the test ratings")
     parser.add_argument("--reuse", action="store_true", help="keep a trained predictor, evaluate again")
+    parser.add_argument(
+        "--multitask", action="store_true", help="rating, ranking and both together on the time split's store"
+    )
+    parser.add_argument("--budget", type=float, default=12.0, help="--multitask: minutes per variant")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(message)s")
     logging.getLogger("twostage").setLevel(logging.INFO)
@@ -90,6 +141,13 @@ def main() -> None:
     result.update(
         {"dataset": "ml-latest-small", "protocol": "rating prediction, RMSE/MAE on held-out ratings"}
     )
+    if args.multitask:
+        base = Path(args.project_root) / "time"
+        result["multitask"] = multitask(
+            base, Path(args.project_root) / "multitask", budget=args.budget, max_examples=args.max_examples
+        )
+        write("predict_movielens", result)
+        return
     for by in args.split or ["time", "event"]:
         result[by] = run(Path(args.project_root) / by, by, max_examples=args.max_examples, reuse=args.reuse)
         write("predict_movielens", result)
