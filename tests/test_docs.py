@@ -276,3 +276,43 @@ def test_readme_tables_refuses_a_readme_without_markers(tmp_path):
     with pytest.raises(ValueError, match="results:start"):
         rt.update_readme(readme, "table")
     assert readme.read_text("utf-8") == "# no markers\n"
+
+
+def test_readme_tables_render_rating_prediction():
+    rt = _readme_tables()
+
+    def row(name, rmse, target="rating", **more):
+        return {"name": name, "target": target, "n": 1234, "RMSE": rmse, "MAE": rmse - 0.2, **more}
+
+    comparison = {"a": "biases", "b": "predictor", "target": "rating", "diff": -0.0287, "p_value": 1e-9}
+    data = {
+        "time": {
+            "split": "ratio by time",
+            "rows": [
+                row("global-mean", 1.1),
+                row("biases", 1.07),
+                row("biased-mf", 1.06),
+                row("predictor", 1.05),
+            ],
+            "comparisons": [comparison],
+        },
+        "multitask": {
+            "budget_minutes": 12,
+            "variants": {
+                "multi-task": {
+                    "tasks": {"rating": 1.0, "listnet": 0.3},
+                    "training": {"steps": 7},
+                    "rows": [
+                        row("predictor", 1.04),
+                        {"name": "predictor", "target": "listnet", "n": 9, "nDCG@10": 0.41, "MRR": 0.33},
+                    ],
+                }
+            },
+        },
+    }
+    lines = rt.render_prediction(data)
+    table_row = next(line for line in lines if line.startswith("| ratio by time"))
+    assert "1,234" in table_row and "**1.0500 / 0.8500**" in table_row and "Δ -0.0287, p=1e-09" in table_row
+    assert table_row.endswith("| - |")  # no comparison with biased MF was given
+    multi = next(line for line in lines if line.startswith("| multi-task"))
+    assert "rating 1, listnet 0.3" in multi and "1.0400" in multi and "0.4100" in multi and "| 7 |" in multi

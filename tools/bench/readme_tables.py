@@ -24,6 +24,7 @@ KNOWN = (
     "quality_movielens_today",
     "quality_movielens_published",
     "quality_movielens",
+    "predict_movielens",
     "ingest_eval",
     "encode",
     "ann",
@@ -498,6 +499,79 @@ def render_scale(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_prediction(data: dict[str, Any]) -> list[str]:
+    """Rating prediction (bench_predict.py): RMSE/MAE per split and model, the predictor's paired tests against
+    each baseline, and the multi-task comparison when it was run."""
+    lines = [
+        "**Rating prediction, ml-latest-small** (`bench_predict.py`; 70/15/15; the predictor with default "
+        "`[predictor]` settings; paired tests on per-rating squared errors, Δ = MSE(predictor) − MSE(baseline))",
+        "",
+    ]
+    header = [
+        "split",
+        "ratings",
+        "global mean",
+        "biases",
+        "biased MF",
+        "predictor",
+        "predictor vs biases",
+        "vs biased MF",
+    ]
+    body = []
+    for key in ("time", "event"):
+        run = data.get(key)
+        if not run:
+            continue
+        rmse = {r["name"]: r for r in run["rows"] if r["target"] == "rating"}
+        versus = {c["a"]: c for c in run["comparisons"] if c["target"] == "rating"}
+
+        cells = {name: f"{r['RMSE']:.4f} / {r['MAE']:.4f}" for name, r in rmse.items()}
+        tests = {name: f"Δ {c['diff']:+.4f}, p={c['p_value']:.2g}" for name, c in versus.items()}
+        n = next(iter(rmse.values()))["n"] if rmse else 0
+        body.append(
+            [
+                run["split"],
+                f"{n:,}",
+                cells.get("global-mean", "-"),
+                cells.get("biases", "-"),
+                cells.get("biased-mf", "-"),
+                f"**{cells.get('predictor', '-')}**",
+                tests.get("biases", "-"),
+                tests.get("biased-mf", "-"),
+            ]
+        )
+    if body:
+        lines += _table(header, body)
+        lines += ["", "Cells are RMSE / MAE on the test ratings."]
+    multi = data.get("multitask")
+    if multi:
+        lines += [
+            "",
+            f"**Multi-task vs single-task** (time split, {multi['budget_minutes']:g} minutes of training each, "
+            "the same test ratings and ranking lists):",
+            "",
+        ]
+        rows = []
+        for name, v in multi["variants"].items():
+            ours = {r["target"]: r for r in v["rows"] if r["name"] == "predictor"}
+            rating = ours.get("rating")
+            ranking = ours.get("listnet")
+            rows.append(
+                [
+                    name,
+                    ", ".join(f"{k} {w:g}" for k, w in v["tasks"].items()),
+                    f"{rating['RMSE']:.4f}" if rating else "-",
+                    f"{ranking['nDCG@10']:.4f}" if ranking else "-",
+                    f"{ranking['MRR']:.4f}" if ranking else "-",
+                    str(v["training"]["steps"]),
+                ]
+            )
+        lines += _table(
+            ["model", "tasks (loss weights)", "rating RMSE", "list nDCG@10", "list MRR", "steps"], rows
+        )
+    return lines
+
+
 def render(results: dict[str, dict]) -> str:
     """The whole Results section (without the markers) for whichever benchmark results are present."""
     if not results:
@@ -511,6 +585,8 @@ def render(results: dict[str, dict]) -> str:
         lines += ["", "### Quality", ""]
         for n, name in enumerate(quality):
             lines += ([""] if n else []) + render_quality(name, results[name])
+    if "predict_movielens" in results:
+        lines += ["", "### Behaviour prediction", "", *render_prediction(results["predict_movielens"])]
     perf = _performance_rows(results)
     if perf or "ann" in results:
         lines += ["", "### Performance", ""]
