@@ -284,3 +284,37 @@ def test_recommend_blends_expected_ratings_on_the_one_ranking_path(tmp_path, tin
     theirs = served.pipeline.rank([served.pipeline.user_request("1", served.history("1"))], 10)[0]
     assert theirs.item_ids() == blended.item_ids()
     engine.close()
+
+
+def test_the_server_predicts_what_the_library_predicts(tmp_path, tiny_bert_path):
+    from conftest import make_served_project
+    from fastapi.testclient import TestClient
+
+    from twostage.serve import create_app
+
+    extra = (
+        f'[predictor]\nmodel = "{tiny_bert_path}"\nmax_length = 64\nmax_train_examples = 32\neval_examples = 16\n'
+        "eval_every = 2\nbias_folds = 2\n[serve]\nmax_k = 5\n"
+    )
+    project = make_served_project(tmp_path, tiny_bert_path, extra)
+    engine = Engine.open(project)
+    engine.train_predictor()
+    ours = engine.predict("1", ["1", "2"])
+    anonymous = engine.predict(history=[("1", 4.0), "3"], item_ids=["2"])
+    engine.publish()
+    engine.close()
+    with TestClient(create_app(project)) as client:
+        answer = client.post("/predict", json={"user_id": "1", "items": ["1", "2"]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()[RATING] == ours[RATING] and answer.json()["items"] == ["1", "2"]
+        session = client.post("/predict", json={"history": [["1", 4.0], "3"], "items": ["2"]})
+        assert session.status_code == 200 and session.json()[RATING] == anonymous[RATING]
+        for body, status, message in (
+            ({"user_id": "1", "items": ["nothing"]}, 404, "unknown item 'nothing'"),
+            ({"user_id": "nobody", "items": ["1"]}, 404, "unknown user 'nobody'"),
+            ({"user_id": "1", "history": ["1"], "items": ["1"]}, 422, "either user_id or history"),
+            ({"user_id": "1", "items": [str(i) for i in range(6)]}, 413, "at most 5"),
+            ({"user_id": "1", "items": []}, 400, "at least one item"),
+        ):
+            bad = client.post("/predict", json=body)
+            assert bad.status_code == status and message in bad.json()["error"], bad.text

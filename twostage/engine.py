@@ -404,42 +404,20 @@ class Engine:
             >>> engine.predict("42", ["318", "296"])["rating"]  # doctest: +SKIP
             [4.41, 4.12]
         """
-        from twostage.outcomes import user_log
-        from twostage.predictor import render_context
+        from twostage.outcomes import LATEST_EVENTS, user_log
 
         if (user_id is None) == (history is None):
             raise TwostageError("give either a user id or a history of item ids")
-        items = [str(i).strip() for i in item_ids]
-        if not items:
-            raise TwostageError("give at least one item id to predict for")
         predictor = self.project.predictor()
-        catalogue = self.project.catalogue()
-        unknown = [i for i in items if i not in catalogue]
-        if unknown:
-            raise NotFoundError(f"unknown item '{unknown[0]}' (not in the items table); check the id")
         if history is not None:
-            events = [
-                (h, predictor.rating_event, float("nan"))
-                if isinstance(h, str)
-                else (str(h[0]), predictor.rating_event, float(h[1]))
-                for h in history
-            ]
-            user = ""
-        else:
-            user = str(user_id).strip()
-            events = user_log(self.store, user, 10 * predictor.context_items)
-            if not events:
-                raise NotFoundError(f"unknown user '{user}' (no events); check the id or pass a history")
-        titles = {i: catalogue.title(i) for i, _, _ in events if i in catalogue}
-        contexts = [
-            render_context(
-                events, titles, rating_event=predictor.rating_event, size=predictor.context_items, skip=i
+            return predictor.respond(
+                "", predictor.history_events(history), item_ids, self.project.catalogue()
             )
-            for i in items
-        ]
-        texts = [catalogue.text(i) for i in items]
-        out = predictor.predict(contexts, texts, [user] * len(items), items)
-        return {target: [round(float(v), 6) for v in values] for target, values in out.items()}
+        user = str(user_id).strip()
+        events = user_log(self.store, user, LATEST_EVENTS * predictor.context_items)
+        if not events:
+            raise NotFoundError(f"unknown user '{user}' (no events); check the id or pass a history")
+        return predictor.respond(user, events, item_ids, self.project.catalogue())
 
     def evaluate_predictions(
         self, *, split: str | None = None, part: str | None = None, max_examples: int | None = None

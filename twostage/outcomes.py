@@ -10,7 +10,7 @@ cut-off. The SQL is here, beside the split's, so the two can be read together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -134,6 +134,11 @@ def sample_negatives(
     return np.asarray(users, dtype=object), np.asarray(items, dtype=object)
 
 
+# How many of a user's latest events ``predict`` reads per context item: enough to fill the context after
+# skipping the items asked about. Snapshots publish as many per user.
+LATEST_EVENTS = 4
+
+
 def user_log(store: Store, user_id: str, limit: int) -> list[tuple[str, str, float]]:
     """A user's latest ``limit`` events (item, event, value), newest first: the context ``predict`` serves."""
     rows = _rows(
@@ -142,6 +147,33 @@ def user_log(store: Store, user_id: str, limit: int) -> list[tuple[str, str, flo
         [user_id, limit],
     )
     return [(i, e, float("nan") if v is None else float(v)) for i, e, v in rows]
+
+
+def export_latest_events(store: Store, path: Any, limit: int) -> None:
+    """Every user's latest ``limit`` events (``user_id``, ``item_id``, ``event``, ``value``), newest first per
+    user, to a Parquet file: what a published snapshot serves ``/predict`` from (the rows ``user_log`` reads)."""
+    target = str(path).replace("'", "''")
+    with store.cursor() as cur:
+        cur.execute(
+            f"""
+            COPY (
+                SELECT user_id, item_id, event, value FROM (
+                    SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, seq DESC) AS pos FROM events)
+                WHERE pos <= {int(limit)} ORDER BY user_id, pos
+            ) TO '{target}' (FORMAT parquet)
+            """
+        )
+
+
+def read_latest_events(path: Any) -> dict[str, list[tuple[str, str, float]]]:
+    """:func:`export_latest_events`'s file as {user: [(item, event, value), ...]}, newest first."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pydict()
+    out: dict[str, list[tuple[str, str, float]]] = {}
+    for u, i, e, v in zip(table["user_id"], table["item_id"], table["event"], table["value"], strict=True):
+        out.setdefault(u, []).append((i, e, float("nan") if v is None else float(v)))
+    return out
 
 
 def user_ratings(store: Store, split: str | None, rating_event: str) -> dict[str, dict[str, float]]:

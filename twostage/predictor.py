@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from twostage.atomic import file_sha256, replace_dir, staging_dir, write_file
-from twostage.errors import ConfigError, IndexMismatchError, NotFoundError
+from twostage.errors import ConfigError, IndexMismatchError, InputError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -234,6 +234,34 @@ class Predictor:
                     value = value if t in (RATING, LISTNET) else torch.sigmoid(value)
                     out[t].append(value.numpy().astype(np.float64))
         return {t: np.concatenate(v) if v else np.zeros(0) for t, v in out.items()}
+
+    def respond(
+        self, user_id: str, events: Sequence[tuple[str, str, float]], item_ids: Sequence[str], catalogue: Any
+    ) -> dict[str, list[float]]:
+        """``predict`` for one user: their latest events (item, event, value; newest first) and the items, each
+        checked against the catalogue. What ``Engine.predict`` and the server's ``/predict`` both call."""
+        items = [str(i).strip() for i in item_ids]
+        if not items:
+            raise InputError("give at least one item id to predict for")
+        unknown = [i for i in items if i not in catalogue]
+        if unknown:
+            raise NotFoundError(f"unknown item '{unknown[0]}' (not in the items table); check the id")
+        titles = {i: catalogue.title(i) for i, _, _ in events[: 4 * self.context_items] if i in catalogue}
+        contexts = [
+            render_context(events, titles, rating_event=self.rating_event, size=self.context_items, skip=i)
+            for i in items
+        ]
+        out = self.predict(contexts, [catalogue.text(i) for i in items], [user_id] * len(items), items)
+        return {target: [round(float(v), 6) for v in values] for target, values in out.items()}
+
+    def history_events(self, history: Sequence[str | tuple[str, float]]) -> list[tuple[str, str, float]]:
+        """An anonymous history (item ids, or (item id, rating) pairs; newest first) as events."""
+        return [
+            (h, self.rating_event, float("nan"))
+            if isinstance(h, str)
+            else (str(h[0]), self.rating_event, float(h[1]))
+            for h in history
+        ]
 
     def expected_ratings(
         self, user_id: str, history: Sequence[tuple[str, float]], item_ids: Sequence[str], catalogue: Any

@@ -63,6 +63,20 @@ class RecommendBody(BaseModel):
         return self
 
 
+class PredictBody(BaseModel):
+    user_id: str | None = Field(None, description="A user with events in the snapshot.")
+    history: list[str | tuple[str, float]] | None = Field(
+        None, description="Or an anonymous history: item ids or [item id, rating] pairs, newest first."
+    )
+    items: list[str] = Field(description="The items to predict the user's response to.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PredictBody:
+        if (self.user_id is None) == (self.history is None):
+            raise ValueError("give either user_id or history (item ids, newest first)")
+        return self
+
+
 class BatchItem(BaseModel):
     search: SearchBody | None = None
     recommend: RecommendBody | None = None
@@ -286,6 +300,18 @@ def create_app(project: str | Path, *, snapshot: str | None = None, api_key: str
     def recommend(body: RecommendBody) -> dict[str, Any]:
         """Recommend for a user of the snapshot, or for an anonymous session's history."""
         return _rank(serving(), [body], cfg)[0]
+
+    @app.post("/predict")
+    def predict(body: PredictBody) -> dict[str, Any]:
+        """How a user would respond to items: the predicted rating and each event's probability, per item."""
+        if len(body.items) > cfg.max_k:
+            raise TooLarge(f"{len(body.items)} items asked; at most {cfg.max_k} ([serve] max_k)")
+        served = serving()
+        return {
+            "snapshot": served.snapshot_id,
+            "items": body.items,
+            **served.predict(body.user_id, body.history, body.items),
+        }
 
     @app.post("/batch")
     def batch(body: BatchBody) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from twostage.pipeline import LogCounts, Pipeline, Settings
 from twostage.requests import Catalogue
 
 if TYPE_CHECKING:
+    from twostage.predictor import Predictor
     from twostage.project import Project
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,25 @@ class Served:
     pipeline: Pipeline
     histories: dict[str, tuple[str, ...]]
     manifest: dict[str, Any]
+    predictor: Predictor | None = None
+    latest_events: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)
+
+    def predict(
+        self, user_id: str | None, history: Sequence[str | tuple[str, float]] | None, item_ids: Sequence[str]
+    ) -> dict[str, list[float]]:
+        """What ``Engine.predict`` returns, from the snapshot's predictor and each user's latest events."""
+        if self.predictor is None:
+            raise NotFoundError(
+                f"snapshot {self.snapshot_id} has no behaviour predictor; run 'twostage train predictor' and publish"
+            )
+        if history is not None:
+            events = self.predictor.history_events(history)
+            return self.predictor.respond("", events, item_ids, self.pipeline.catalogue)
+        user = str(user_id).strip()
+        events = self.latest_events.get(user)
+        if not events:
+            raise NotFoundError(f"unknown user '{user}' (no events in snapshot {self.snapshot_id})")
+        return self.predictor.respond(user, events, item_ids, self.pipeline.catalogue)
 
     def history(self, user_id: str) -> tuple[str, ...]:
         found = self.histories.get(user_id)
@@ -125,8 +145,15 @@ def publish(project: Project) -> dict[str, Any]:
             write_item_model(staged / "ease.npz", counts.items)
         if pipe.learned is not None:
             pipe.learned.save(staged / "ranker")
-        if pipe.predictor is not None and counts.ratings is not None:  # the expected-rating blend
-            pipe.predictor.save(staged / "predictor")
+        if project.models_dir("predictor").exists():  # /predict, and the expected-rating blend
+            from twostage.outcomes import LATEST_EVENTS, export_latest_events
+
+            predictor = project.predictor()
+            predictor.save(staged / "predictor")
+            export_latest_events(
+                project.store, staged / "events.parquet", LATEST_EVENTS * predictor.context_items
+            )
+        if pipe.predictor is not None and counts.ratings is not None:
             _write_ratings(staged / "ratings.parquet", counts.ratings)
         _link_tree(project.index_dir(), staged / "index")
         models = {
@@ -316,17 +343,20 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
         if ease is None:
             raise InputError("unreadable EASE weights; publish again", file=str(root / "ease.npz"))
     learned = LearnedRanker.load(root / "ranker") if (root / "ranker").exists() else None
-    predictor = None
+    predictor, latest = None, {}
     if (root / "predictor").exists():
+        from twostage.outcomes import read_latest_events
         from twostage.predictor import Predictor
 
         predictor = Predictor.load(root / "predictor")
+        latest = read_latest_events(root / "events.parquet")
+    blend = (root / "ratings.parquet").exists()
     counts = LogCounts(
         popularity=_read_map(root / "popularity.parquet", "users"),
         cowatched={i: tuple(v) for i, v in _read_map(root / "cowatched.parquet", "cowatched").items()},
         rerank_texts=rerank_texts,
         items=ease,
-        ratings=_read_ratings(root / "ratings.parquet") if predictor is not None else None,
+        ratings=_read_ratings(root / "ratings.parquet") if blend else None,
     )
     served = Settings(**settings["settings"])
     lexical = None
@@ -344,12 +374,12 @@ def load(project_root: str | Path, snapshot_id: str | None = None) -> Served:
         counts=counts,
         lexical=lexical,
         learned=learned,
-        predictor=predictor,
+        predictor=predictor if blend else None,
         version=snapshot_id,
     )
     table = pq.read_table(root / "histories.parquet").to_pydict()
     histories = {u: tuple(h) for u, h in zip(table["user_id"], table["history"], strict=True)}
-    return Served(snapshot_id, pipeline, histories, manifest)
+    return Served(snapshot_id, pipeline, histories, manifest, predictor, latest)
 
 
 def _checked_manifest(root: Path) -> dict[str, Any]:
