@@ -26,7 +26,7 @@ import numpy as np
 from twostage.errors import NotFoundError
 from twostage.metrics import paired_comparison
 from twostage.outcomes import Outcomes, held_outcomes, sample_negatives, train_outcomes
-from twostage.predictor import LISTNET, RATING, Biases, Predictor, render_context
+from twostage.predictor import LISTNET, RATING, Biases, Predictor, render_contexts
 
 if TYPE_CHECKING:
     from twostage.store import Store
@@ -111,18 +111,11 @@ def _rated(outcomes: Outcomes, rating_event: str, known: Mapping[str, str]) -> O
 
 
 def _contexts(
-    predictor: Predictor, events: Mapping[str, list], titles: Mapping[str, str], users, items
+    predictor: Predictor, events: Mapping[str, list], titles: Mapping[str, str], users, skips
 ) -> list[str]:
-    return [
-        render_context(
-            events.get(u, []),
-            titles,
-            rating_event=predictor.rating_event,
-            size=predictor.context_items,
-            skip=i,
-        )
-        for u, i in zip(users, items, strict=True)
-    ]
+    return render_contexts(
+        events, titles, users, skips, rating_event=predictor.rating_event, size=predictor.context_items
+    )
 
 
 def evaluate_predictions(
@@ -335,16 +328,7 @@ def _evaluate_lists(
     users = np.repeat(lists.users, list_size)
     items = lists.items.reshape(-1)
     skips = np.repeat(lists.items[:, 0], list_size)
-    contexts = [
-        render_context(
-            events.get(u, []),
-            titles,
-            rating_event=predictor.rating_event,
-            size=predictor.context_items,
-            skip=k,
-        )
-        for u, k in zip(users, skips, strict=True)
-    ]
+    contexts = _contexts(predictor, events, titles, users, skips)
     scores = predictor.predict(contexts, [texts[i] for i in items], users, items)[LISTNET].reshape(
         -1, list_size
     )

@@ -126,6 +126,22 @@ def render_context(
     return " | ".join(parts) if parts else "no history"
 
 
+def render_contexts(
+    events: Mapping[str, Sequence[tuple[str, str, float]]],
+    titles: Mapping[str, str],
+    users: Sequence[str],
+    skips: Sequence[str],
+    *,
+    rating_event: str,
+    size: int,
+) -> list[str]:
+    """:func:`render_context` for each (user, item to leave out) pair, from each user's events."""
+    return [
+        render_context(events.get(u, []), titles, rating_event=rating_event, size=size, skip=k)
+        for u, k in zip(users, skips, strict=True)
+    ]
+
+
 def _net_class() -> type:
     from torch import nn
 
@@ -246,13 +262,22 @@ class Predictor:
         unknown = [i for i in items if i not in catalogue]
         if unknown:
             raise NotFoundError(f"unknown item '{unknown[0]}' (not in the items table); check the id")
-        titles = {i: catalogue.title(i) for i, _, _ in events[: 4 * self.context_items] if i in catalogue}
-        contexts = [
-            render_context(events, titles, rating_event=self.rating_event, size=self.context_items, skip=i)
-            for i in items
-        ]
-        out = self.predict(contexts, [catalogue.text(i) for i in items], [user_id] * len(items), items)
+        out = self._for_user(user_id, events, items, catalogue)
         return {target: [round(float(v), 6) for v in values] for target, values in out.items()}
+
+    def _for_user(
+        self, user_id: str, events: Sequence[tuple[str, str, float]], items: Sequence[str], catalogue: Any
+    ) -> dict[str, np.ndarray]:
+        titles = {i: catalogue.title(i) for i, _, _ in events[: 4 * self.context_items] if i in catalogue}
+        contexts = render_contexts(
+            {user_id: events},
+            titles,
+            [user_id] * len(items),
+            items,
+            rating_event=self.rating_event,
+            size=self.context_items,
+        )
+        return self.predict(contexts, [catalogue.text(i) for i in items], [user_id] * len(items), list(items))
 
     def history_events(self, history: Sequence[str | tuple[str, float]]) -> list[tuple[str, str, float]]:
         """An anonymous history (item ids, or (item id, rating) pairs; newest first) as events."""
@@ -274,13 +299,7 @@ class Predictor:
                 key="predictor.recommend_weight",
             )
         events = [(i, self.rating_event, float(v)) for i, v in history]
-        titles = {i: catalogue.title(i) for i, _, _ in events[: 4 * self.context_items] if i in catalogue}
-        contexts = [
-            render_context(events, titles, rating_event=self.rating_event, size=self.context_items, skip=i)
-            for i in item_ids
-        ]
-        texts = [catalogue.text(i) for i in item_ids]
-        return self.predict(contexts, texts, [user_id] * len(item_ids), list(item_ids))[RATING]
+        return self._for_user(user_id, events, item_ids, catalogue)[RATING]
 
     # ------------------------------------------------------------------ persistence
     def save(self, target: Path) -> Path:

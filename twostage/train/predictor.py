@@ -24,7 +24,7 @@ import numpy as np
 
 from twostage.errors import NotFoundError
 from twostage.outcomes import Outcomes, held_outcomes, sample_negatives, train_outcomes
-from twostage.predictor import LISTNET, RATING, Biases, Predictor, build_net, render_context
+from twostage.predictor import LISTNET, RATING, Biases, Predictor, build_net, render_contexts
 
 if TYPE_CHECKING:
     from twostage.config import PredictorConfig
@@ -190,14 +190,13 @@ class _Batches:
         self.events, self.titles, self.texts = events, titles, texts
         self.rating_event, self.size = rating_event, size
 
+    def contexts(self, users: Sequence[str], skips: Sequence[str]) -> list[str]:
+        return render_contexts(
+            self.events, self.titles, users, skips, rating_event=self.rating_event, size=self.size
+        )
+
     def render(self, ex: Examples) -> tuple[list[str], list[str]]:
-        contexts = [
-            render_context(
-                self.events.get(u, []), self.titles, rating_event=self.rating_event, size=self.size, skip=i
-            )
-            for u, i in zip(ex.users, ex.items, strict=True)
-        ]
-        return contexts, [self.texts[i] for i in ex.items]
+        return self.contexts(ex.users, ex.items), [self.texts[i] for i in ex.items]
 
 
 def _losses(predictor: Predictor, batches: _Batches, ex: Examples) -> dict[str, Any]:
@@ -231,16 +230,7 @@ def _list_loss(predictor: Predictor, batches: _Batches, lists: Lists) -> Any:
     items = lists.items.reshape(-1)
     # every pair of a list reads the same context: the user's events without the list's positive
     skips = np.repeat(lists.items[:, 0], size)
-    contexts = [
-        render_context(
-            batches.events.get(u, []),
-            batches.titles,
-            rating_event=batches.rating_event,
-            size=batches.size,
-            skip=k,
-        )
-        for u, k in zip(users, skips, strict=True)
-    ]
+    contexts = batches.contexts(users, skips)
     logits = predictor.net(**predictor.encode(contexts, [batches.texts[i] for i in items]))[LISTNET].view(
         -1, size
     )
