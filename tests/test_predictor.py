@@ -227,6 +227,13 @@ def test_predict_errors_are_one_line(tmp_path, tiny_bert_path):
     assert set(json.loads(good.output)) == {"items", RATING, "click", LISTNET}
     history = runner.invoke(cli, ["-p", root, "predict", "--history", "1:5,2", "--item", "3", "--json"])
     assert history.exit_code == 0, history.output
+    report = tmp_path / "predictions.html"
+    scored = runner.invoke(cli, ["-p", root, "evaluate", "--predictions", "--report", str(report), "--json"])
+    assert scored.exit_code == 0, scored.output
+    rows = json.loads(scored.output)["rows"]
+    assert {r["name"] for r in rows} >= {"predictor", "biases", "biased-mf", "global-mean"}
+    page = report.read_text()
+    assert "prediction evaluation" in page and "biased-mf" in page and "data:image/png;base64" in page
 
 
 def test_a_changed_file_is_refused_on_load(tmp_path, tiny_bert_path):

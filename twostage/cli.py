@@ -435,7 +435,8 @@ def predict(ctx, user_id, items, history, out: Output) -> None:
                 raise click.BadParameter(
                     f"'{entry}' is not ID or ID:RATING", param_hint="--history"
                 ) from None
-    result = _engine(ctx, out, read_only=True).predict(user_id, list(items), history=parsed)
+    with _engine(ctx, out, read_only=True) as engine:
+        result = engine.predict(user_id, list(items), history=parsed)
 
     def human() -> None:
         for n, item in enumerate(items):
