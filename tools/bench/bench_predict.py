@@ -124,6 +124,11 @@ def multitask(base: Path, root: Path, *, budget: float, max_examples: int | None
 
 
 def main() -> None:
+    import importlib
+
+    # import what training and evaluation use now, so a long run never mixes module versions edited meanwhile
+    for name in ("twostage.prediction_eval", "twostage.train.predictor", "twostage.predictor"):
+        importlib.import_module(name)
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", action="append", choices=["time", "event"], help="default: both")
     parser.add_argument("--project-root", default="/tmp/bench_predict", help="projects are made under it")
