@@ -325,3 +325,30 @@ def test_the_server_predicts_what_the_library_predicts(tmp_path, tiny_bert_path)
         ):
             bad = client.post("/predict", json=body)
             assert bad.status_code == status and message in bad.json()["error"], bad.text
+
+
+def test_the_demo_reports_the_predictor_against_its_baselines():
+    from twostage.demo import _prediction_lines
+
+    scored = {
+        "rows": [
+            {"name": "biases", "target": RATING, "n": 50, "RMSE": 0.95},
+            {"name": "predictor", "target": RATING, "n": 50, "RMSE": 0.91},
+        ],
+        "comparisons": [
+            {
+                "a": "biases",
+                "target": RATING,
+                "diff": -0.07,
+                "ci_low": -0.1,
+                "ci_high": -0.01,
+                "p_value": 0.02,
+            }
+        ],
+    }
+    lines = _prediction_lines({"steps": 12, "stopped": "time budget"}, scored)
+    assert lines[0].startswith(
+        "Behaviour predictor (12 steps, time budget): test RMSE on 50 held-out ratings"
+    )
+    assert "biases 0.9500, predictor 0.9100" in lines[0]
+    assert lines[1] == "predictor vs biases: MSE -0.0700 (95% CI [-0.1000, -0.0100], p = 0.02, paired)"

@@ -55,6 +55,12 @@ learning_rate = 5e-5
 [ranker]
 max_train_requests = 1500
 
+[predictor]
+# behaviour prediction: the rating a user would give, over user + item biases; a 2-minute budget here
+max_train_examples = 4000
+eval_every = 25
+time_budget_minutes = 2
+
 [eval]
 ks = [1, 5, 10, 20, 100]
 max_requests = 200
@@ -97,8 +103,11 @@ def run_demo(
     report = step(
         "evaluate", lambda: engine.evaluate(report=root / "report.html", mmr_lambdas=(0.9, 0.7, 0.5))
     )
+    predictor = step("train predictor", engine.train_predictor)
+    predicted = step("evaluate predictions", engine.evaluate_predictions)
     user = sorted(engine.store.targets(engine.default_split(), "test"))[0]
     ranking = step("recommend (explained)", lambda: engine.recommend(user, 5, explain=True))
+    expected = engine.predict(user, ranking.item_ids())["rating"]
     published = step("publish snapshot", engine.publish)
 
     settings = engine.project.settings(with_reranker=True)
@@ -126,6 +135,8 @@ def run_demo(
         "",
         f"HTML report: {root / 'report.html'}",
         "",
+        *_prediction_lines(predictor, predicted),
+        "",
         f"Recommendations for user {user} ({ranking.request_text[:100]}...):",
     ]
     serve_hint = (
@@ -133,8 +144,8 @@ def run_demo(
         f"'twostage -p {root} serve' and try "
         f"curl -s localhost:8000/recommend -H 'Content-Type: application/json' -d '{{\"user_id\": \"{user}\"}}'"
     )
-    for hit in ranking.hits:
-        lines.append(f"  {hit.rank}. {hit.title}")
+    for hit, rating in zip(ranking.hits, expected, strict=True):
+        lines.append(f"  {hit.rank}. {hit.title}  (predicted rating {rating:.1f})")
         for d in raised_score((hit.explanation or {}).get("drivers", []))[:2]:
             lines.append(f"       because you watched {d['title']} (score drop {d['score_drop']:+.3f})")
         watched_with = [w["title"] for w in (hit.explanation or {}).get("watched_with", [])]
@@ -156,6 +167,23 @@ def run_demo(
         "recommendations": ranking,
         "text": "\n".join(lines),
     }
+
+
+def _prediction_lines(record: dict[str, Any], scored: dict[str, Any]) -> list[str]:
+    """The behaviour predictor's test RMSE beside the rating baselines, with its paired tests."""
+    rmse = {r["name"]: r["RMSE"] for r in scored["rows"] if r["target"] == "rating"}
+    lines = [
+        f"Behaviour predictor ({record['steps']} steps, {record['stopped']}): test RMSE on "
+        f"{next(r['n'] for r in scored['rows'] if r['target'] == 'rating')} held-out ratings: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in rmse.items())
+    ]
+    lines += [
+        f"predictor vs {c['a']}: MSE {c['diff']:+.4f} (95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], "
+        f"p = {c['p_value']:.2g}, paired)"
+        for c in scored["comparisons"]
+        if c["target"] == "rating"
+    ]
+    return lines
 
 
 def _significance(comparisons: list[dict[str, Any]], metric: str = "nDCG@10") -> list[str]:
