@@ -148,8 +148,8 @@ def publish(project: Project) -> dict[str, Any]:
         if project.models_dir("predictor").exists():  # /predict, and the expected-rating blend
             from twostage.outcomes import LATEST_EVENTS, export_latest_events
 
-            predictor = project.predictor()
-            predictor.save(staged / "predictor")
+            predictor = project.predictor()  # loaded, so its manifest is checked before it is published
+            _link_tree(project.models_dir("predictor"), staged / "predictor")
             export_latest_events(
                 project.store, staged / "events.parquet", LATEST_EVENTS * predictor.context_items
             )
