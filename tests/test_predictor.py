@@ -238,9 +238,13 @@ def test_predict_errors_are_one_line(tmp_path, tiny_bert_path):
 
 def test_a_changed_file_is_refused_on_load(tmp_path, tiny_bert_path):
     engine = _project(tmp_path, tiny_bert_path)
-    engine.train_predictor()
-    path = engine.project.models_dir("predictor")
+    path, root = engine.project.models_dir("predictor"), str(engine.project.root)
     engine.close()
+    trained = CliRunner().invoke(cli, ["-p", root, "train", "predictor", "--json"])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(trained.output)["targets"] == [RATING, "click", LISTNET]
+    human = CliRunner().invoke(cli, ["-p", root, "train", "predictor", "-q"])
+    assert human.exit_code == 0 and "list cross-entropy" in human.output and "RMSE" in human.output
     with open(path / "heads.pt", "ab") as f:
         f.write(b"x")
     with pytest.raises(IndexMismatchError, match=r"heads\.pt"):

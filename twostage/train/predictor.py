@@ -477,7 +477,10 @@ def _seen(store: Any) -> dict[str, set[str]]:
     return {u: set(items) for u, items in rows}
 
 
+def loss_label(target: str) -> str:
+    """How a validation loss is named in logs and output."""
+    return {RATING: "RMSE", LISTNET: "list cross-entropy"}.get(target, f"{target} log-loss")
+
+
 def _fmt(losses: Mapping[str, float]) -> str:
-    return (
-        ", ".join(f"{'RMSE' if t == RATING else t + ' log-loss'} {v:.4f}" for t, v in losses.items()) or "-"
-    )
+    return ", ".join(f"{loss_label(t)} {v:.4f}" for t, v in losses.items()) or "-"
