@@ -35,9 +35,9 @@ list_size = 4
 eval_lists = 20
 max_length = 64
 batch_size = 16
-max_train_examples = 96
+max_train_examples = 32
 eval_examples = 32
-eval_every = 3
+eval_every = 4
 learning_rate = 1e-4
 bias_folds = 2
 """

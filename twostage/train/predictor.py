@@ -347,7 +347,40 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     per_epoch = -(-min(len(train_ex), cfg.max_train_examples) // cfg.batch_size)
     if train_lists is not None:
         per_epoch = max(per_epoch, -(-min(len(train_lists), cfg.max_train_examples) // cfg.lists_per_batch))
-    total = cfg.epochs * per_epoch
+    by_data = cfg.epochs * per_epoch
+    budget = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+
+    def batch_loss(n: int, epoch_ex: Examples, epoch_lists: Lists | None) -> Any:
+        """The weighted sum of the task losses of the step-``n`` batch of an epoch."""
+        losses: dict[str, Any] = {}
+        if len(epoch_ex):
+            chunk = np.arange(n * cfg.batch_size, (n + 1) * cfg.batch_size) % len(epoch_ex)
+            losses.update(_losses(predictor, batches, epoch_ex.take(chunk)))
+        if epoch_lists is not None and len(epoch_lists):
+            chunk = np.arange(n * cfg.lists_per_batch, (n + 1) * cfg.lists_per_batch) % len(epoch_lists)
+            losses[LISTNET] = _list_loss(predictor, batches, epoch_lists.take(chunk))
+        return sum(weights[t] * v for t, v in losses.items())
+
+    def validate() -> dict[str, float]:
+        return validation_losses(predictor, batches, valid_ex, valid_lists)
+
+    timer = time.perf_counter()
+    start_losses = validate()
+    eval_seconds = time.perf_counter() - timer
+    epoch_ex = _sample(train_ex, cfg.max_train_examples, rng)
+    epoch_lists = _sample_lists(train_lists, cfg.max_train_examples, rng) if train_lists is not None else None
+    # Size the run to the budget before the learning-rate schedule is fixed: two forward and backward passes
+    # (no update) time a step, so warm-up and decay span the steps that will run, not the data's epochs.
+    net.train()
+    for n in range(2):
+        timer = time.perf_counter()
+        batch_loss(n, epoch_ex, epoch_lists).backward()
+        net.zero_grad()
+        step_seconds = time.perf_counter() - timer
+    total = by_data
+    if budget is not None:
+        left = budget - (time.perf_counter() - started)
+        total = max(1, min(by_data, int(left / (step_seconds + eval_seconds / cfg.eval_every))))
     optimizer = torch.optim.AdamW(
         [
             {"params": list(net.encoder.parameters()), "lr": cfg.learning_rate},
@@ -356,12 +389,6 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
         weight_decay=0.01,
     )
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 10), total)
-    budget = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
-
-    def validate() -> dict[str, float]:
-        return validation_losses(predictor, batches, valid_ex, valid_lists)
-
-    start_losses = validate()
 
     def score(losses: Mapping[str, float]) -> float:  # each task's loss relative to where it started
         return float(sum(weights[t] * losses[t] / max(start_losses[t], 1e-9) for t in losses))
@@ -369,35 +396,32 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     best = {"step": 0, "losses": start_losses, "score": score(start_losses) if start_losses else float("inf")}
     best_state = copy.deepcopy(net.state_dict())
     logger.info(
-        "predictor: tasks %s; %d pointwise examples, %s lists; %d steps; validation %d examples, %s lists; "
-        "at start %s%s",
+        "predictor: tasks %s; %d pointwise examples, %s lists; %d steps (%d by the data; %.1f s a step, "
+        "%.0f s a validation)%s; validation %d examples, %s lists; at start %s",
         weights,
         len(train_ex),
         len(train_lists) if train_lists is not None else 0,
         total,
+        by_data,
+        step_seconds,
+        eval_seconds,
+        f" to fit the {budget / 60:.0f}-minute budget" if budget else "",
         len(valid_ex),
         len(valid_lists) if valid_lists is not None else 0,
         _fmt(start_losses),
-        f"; budget {budget / 60:.0f} min" if budget else "",
     )
     step, waited, stopped = 0, 0, "completed"
     history: list[dict[str, Any]] = [{"step": 0, **start_losses}]
     loop_started = time.perf_counter()
-    for _epoch in range(cfg.epochs):
-        epoch_ex = _sample(train_ex, cfg.max_train_examples, rng)
-        epoch_lists = (
-            _sample_lists(train_lists, cfg.max_train_examples, rng) if train_lists is not None else None
-        )
+    for epoch in range(cfg.epochs):
+        if epoch:
+            epoch_ex = _sample(train_ex, cfg.max_train_examples, rng)
+            epoch_lists = (
+                _sample_lists(train_lists, cfg.max_train_examples, rng) if train_lists is not None else None
+            )
         for n in range(per_epoch):
             net.train()
-            losses: dict[str, Any] = {}
-            if len(epoch_ex):
-                chunk = np.arange(n * cfg.batch_size, (n + 1) * cfg.batch_size) % len(epoch_ex)
-                losses.update(_losses(predictor, batches, epoch_ex.take(chunk)))
-            if epoch_lists is not None and len(epoch_lists):
-                chunk = np.arange(n * cfg.lists_per_batch, (n + 1) * cfg.lists_per_batch) % len(epoch_lists)
-                losses[LISTNET] = _list_loss(predictor, batches, epoch_lists.take(chunk))
-            loss = sum(weights[t] * v for t, v in losses.items())
+            loss = batch_loss(n, epoch_ex, epoch_lists)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -424,6 +448,9 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
                 if waited >= cfg.patience and now:
                     stopped = "early stopping"
                     break
+            if step >= total:
+                stopped = "completed" if total == by_data else "time budget"
+                break
             if budget is not None and time.perf_counter() - started > budget:
                 stopped = "time budget"
                 break
@@ -444,6 +471,8 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
         },
         "steps": step,
         "planned_steps": total,
+        "steps_by_data": by_data,
+        "seconds_per_step": round(step_seconds, 2),
         "best_step": best["step"],
         "stopped": stopped,
         "valid_at_start": start_losses,
