@@ -206,6 +206,13 @@ def test_predict_errors_are_one_line(tmp_path, tiny_bert_path):
     engine = _project(tmp_path, tiny_bert_path)
     with pytest.raises(NotFoundError, match="no behaviour predictor"):
         engine.predict("1", ["1"])
+    root = engine.project.root
+    engine.close()
+    misspelt = Engine.open(root, overrides={"predictor.tasks": {"rating": 1.0, "clik": 1.0}})
+    with pytest.raises(NotFoundError, match=r"no 'clik' events .* \(event types there: click, rating\)"):
+        misspelt.train_predictor()
+    misspelt.close()
+    engine = Engine.open(root)
     engine.train_predictor()
     with pytest.raises(NotFoundError, match="unknown user 'nobody'") as e:
         engine.predict("nobody", ["1"])

@@ -288,6 +288,15 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     catalogue_ids = np.asarray(sorted(catalogue.texts), dtype=object)
     known = np.vectorize(lambda i: i in catalogue.texts, otypes=[bool])
     train = train_outcomes(store, split)
+    present = set(train.events.tolist())
+    missing = [
+        t for t in event_tasks(cfg) + ([rating_event] if RATING in weights else []) if t not in present
+    ]
+    if missing:
+        raise NotFoundError(
+            f"[predictor] tasks: no '{missing[0]}' events on the training side of split '{split}' "
+            f"(event types there: {', '.join(sorted(present)) or 'none'})"
+        )
     seen = _seen(store)
     events = user_events(train)
     held = held_outcomes(store, split, "valid")
