@@ -16,6 +16,7 @@ from twostage import Engine
 from twostage.cli import cli
 from twostage.errors import IndexMismatchError, NotFoundError
 from twostage.outcomes import held_outcomes, train_outcomes
+from twostage.prediction_eval import METRICS
 from twostage.predictor import LISTNET, RATING, Biases, Predictor, build_net
 from twostage.train.predictor import Examples, Lists, _Batches, _list_loss, _losses, oof_offsets
 
@@ -196,9 +197,7 @@ def test_train_predict_evaluate_and_reload(tmp_path, tiny_bert_path):
         ("popularity", LISTNET),
     }
     stored = engine.store.sql("SELECT count(*) FROM metrics WHERE run_id = ?", [result["run_id"]])[1][0][0]
-    assert stored == sum(
-        len([m for m in ("RMSE", "MAE", "AUC", "log-loss") if m in r]) for r in result["rows"]
-    )
+    assert stored == sum(len([m for m in METRICS if m in r]) for r in result["rows"])
     engine.close()
 
 

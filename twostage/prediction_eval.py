@@ -359,9 +359,11 @@ def store_metrics(store: Store, run_id: str, rows: Sequence[Mapping[str, Any]]) 
     values = [
         (run_id, f"{r['name']}:{r['target']}", metric, None, float(r[metric]))
         for r in rows
-        for metric in ("RMSE", "MAE", "AUC", "log-loss")
+        for metric in METRICS
         if metric in r
     ]
+    if not values:
+        return
     with store.transaction() as cur:
         cur.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)", values)
 

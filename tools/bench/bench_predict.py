@@ -83,7 +83,9 @@ VARIANTS = {
 }
 
 
-def multitask(base: Path, root: Path, *, budget: float, max_examples: int | None) -> dict[str, Any]:
+def multitask(
+    base: Path, root: Path, *, budget: float, max_examples: int | None, reuse: bool = False
+) -> dict[str, Any]:
     """The shared encoder trained on rating and ranking together against each task alone: each variant copies
     the base project's store, trains with the same time budget, and is scored on the same test ratings and
     lists."""
@@ -92,15 +94,19 @@ def multitask(base: Path, root: Path, *, budget: float, max_examples: int | None
     out: dict[str, Any] = {"budget_minutes": budget, "variants": {}}
     for name, tasks in VARIANTS.items():
         target = root / name.replace(" ", "-")
-        shutil.rmtree(target, ignore_errors=True)
-        Engine.init(target)
-        shutil.copy(base / "twostage.duckdb", target / "twostage.duckdb")
-        spec = ", ".join(f"{k} = {v}" for k, v in tasks.items())
-        config = (base / "twostage.toml").read_text()
-        config += f"\n[predictor]\ntasks = {{ {spec} }}\ntime_budget_minutes = {budget}\n"
-        (target / "twostage.toml").write_text(config)
+        record = target / "models" / "predictor" / "predictor.json"
+        if not (reuse and record.exists()):
+            shutil.rmtree(target, ignore_errors=True)
+            Engine.init(target)
+            shutil.copy(base / "twostage.duckdb", target / "twostage.duckdb")
+            spec = ", ".join(f"{k} = {v}" for k, v in tasks.items())
+            config = (base / "twostage.toml").read_text()
+            config += f"\n[predictor]\ntasks = {{ {spec} }}\ntime_budget_minutes = {budget}\n"
+            (target / "twostage.toml").write_text(config)
+            with Engine.open(target, progress=False) as engine:
+                engine.train_predictor()
+        trained = json.loads(record.read_text())
         with Engine.open(target, progress=False) as engine:
-            trained = engine.train_predictor()
             scored = engine.evaluate_predictions(part="test", max_examples=max_examples)
         out["variants"][name] = {
             "tasks": tasks,
@@ -149,7 +155,11 @@ def main() -> None:
     if args.multitask:
         base = Path(args.project_root) / "time"
         result["multitask"] = multitask(
-            base, Path(args.project_root) / "multitask", budget=args.budget, max_examples=args.max_examples
+            base,
+            Path(args.project_root) / "multitask",
+            budget=args.budget,
+            max_examples=args.max_examples,
+            reuse=args.reuse,
         )
         write("predict_movielens", result)
         return
