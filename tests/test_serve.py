@@ -459,9 +459,12 @@ def sample_project(tmp_path_factory, tiny_bert_path) -> Path:
     Engine.init(project)
     (project / "twostage.toml").write_text(
         f'[retriever]\nmodel = "{tiny_bert_path}"\nmax_seq_length = 32\n[reranker]\nmax_length = 48\n'
+        f'[predictor]\nmodel = "{tiny_bert_path}"\nmax_length = 48\nmax_train_examples = 32\neval_examples = 16\n'
     )
     engine = Engine.open(project)
     engine.datasets_load("sample")
+    engine.split()
+    engine.train_predictor()  # the README's /predict example
     engine.index_build()
     rr = sharpened_reranker(tiny_bert_path, list(engine.project.catalogue().texts.values())[:60])
     rr.model.save_pretrained(str(project / "models" / "reranker"))

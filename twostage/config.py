@@ -251,7 +251,7 @@ class PredictorConfig:
     item, and whether they will do each of ``events`` with it.
 
     A cross-encoder (``model``) reads the user's ``context_items`` latest training-side events as text beside
-    the item's text, pairs truncated to ``max_length`` tokens (the context first). ``tasks`` names its heads,
+    the item's text, pairs truncated to ``max_length`` tokens (the longer text first). ``tasks`` names its heads,
     each with the weight of its loss in the sum the shared encoder is trained on (one loss per task):
 
     - ``rating``: regression on the value of ``[relevance] rating_event`` events (MSE), over user and item

@@ -190,11 +190,12 @@ class Predictor:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def encode(self, contexts: Sequence[str], item_texts: Sequence[str]) -> Mapping[str, Any]:
-        """Tokenised pairs; the context is truncated first, so the item's own text is kept whole."""
+        """Tokenised pairs, the longer of the two texts cut first (a long context before a short item text;
+        an item text longer than the limit never makes the pair fail)."""
         return self.tokenizer(
             list(contexts),
             list(item_texts),
-            truncation="only_first",
+            truncation="longest_first",
             max_length=self.max_length,
             padding=True,
             return_tensors="pt",
