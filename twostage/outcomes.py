@@ -9,25 +9,20 @@ cut-off. The SQL is here, beside the split's, so the two can be read together.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from twostage.errors import NotFoundError
+from twostage.store import USER_CUTOFFS
 
 if TYPE_CHECKING:
     from twostage.store import Store
 
-# Each user's earliest held-out (ts, seq) in the split; bind the split name.
-_USER_CUT = """
-    SELECT request_id AS user_id, min_by(cutoff_ts, (cutoff_ts, cutoff_seq)) AS cts,
-           min_by(cutoff_seq, (cutoff_ts, cutoff_seq)) AS cseq
-    FROM splits WHERE split = ? AND request_kind = 'user' GROUP BY 1
-"""
-
 _TRAIN_TEMPORAL = f"""
-    WITH cut AS ({_USER_CUT})
+    WITH cut AS ({USER_CUTOFFS})
     SELECT e.user_id, e.item_id, e.event, e.value FROM events e LEFT JOIN cut c USING (user_id)
     WHERE c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq)
     ORDER BY e.user_id, e.ts DESC, e.seq DESC
@@ -54,16 +49,30 @@ _HELD = """
 
 
 @dataclass(frozen=True)
-class Outcomes:
+class Columns:
+    """Parallel arrays, one row per index of their first axis: taking rows takes them from every array."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, dataclasses.fields(self)[0].name))
+
+    def take(self, index: np.ndarray) -> Self:
+        return type(self)(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+    def sample(self, limit: int | None, rng: np.random.Generator) -> Self:
+        """All rows shuffled, or ``limit`` of them drawn without replacement."""
+        if limit is None or len(self) <= limit:
+            return self.take(rng.permutation(len(self)))
+        return self.take(rng.choice(len(self), size=limit, replace=False))
+
+
+@dataclass(frozen=True)
+class Outcomes(Columns):
     """Parallel arrays, one row per (user, item, event): ``value`` is the event's value (NaN when it has none)."""
 
     users: np.ndarray
     items: np.ndarray
     events: np.ndarray
     values: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.users)
 
     @classmethod
     def from_rows(cls, rows: list[tuple]) -> Outcomes:
@@ -77,11 +86,7 @@ class Outcomes:
 
     def of(self, event: str) -> Outcomes:
         """The rows of one event type."""
-        keep = self.events == event
-        return Outcomes(self.users[keep], self.items[keep], self.events[keep], self.values[keep])
-
-    def take(self, index: np.ndarray) -> Outcomes:
-        return Outcomes(self.users[index], self.items[index], self.events[index], self.values[index])
+        return self.take(self.events == event)
 
 
 def _rows(store: Store, sql: str, params: list) -> list[tuple]:
@@ -179,20 +184,15 @@ def read_latest_events(path: Any) -> dict[str, list[tuple[str, str, float]]]:
 def user_ratings(store: Store, split: str | None, rating_event: str) -> dict[str, dict[str, float]]:
     """Each user's latest rating of each item they rated, before their earliest held-out cut-off in ``split``
     (every event when None): the ratings the expected-rating blend reads beside a user's history."""
-    cut = (
-        f"WITH cut AS ({_USER_CUT})"
-        if split is not None
-        else "WITH cut AS (SELECT NULL AS user_id, NULL AS cts, NULL AS cseq WHERE false)"
-    )
     rows = _rows(
         store,
         f"""
-        {cut}
+        WITH cut AS ({USER_CUTOFFS})  -- split NULL: no cut-offs, every event counts
         SELECT e.user_id, e.item_id, arg_max(e.value, (e.ts, e.seq)) FROM events e LEFT JOIN cut c USING (user_id)
         WHERE e.event = ? AND e.value IS NOT NULL AND (c.cts IS NULL OR (e.ts, e.seq) < (c.cts, c.cseq))
         GROUP BY 1, 2
         """,
-        ([split] if split is not None else []) + [rating_event],
+        [split, rating_event],
     )
     out: dict[str, dict[str, float]] = {}
     for user, item, value in rows:

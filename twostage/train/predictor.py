@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from twostage.errors import NotFoundError
-from twostage.outcomes import Outcomes, held_outcomes, sample_negatives, train_outcomes
+from twostage.outcomes import Columns, Outcomes, held_outcomes, sample_negatives, train_outcomes
 from twostage.predictor import LISTNET, RATING, Biases, Predictor, build_net, render_contexts
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Examples:
+class Examples(Columns):
     """Training or validation pairs: who, what, which target, the label, and the bias offset of ratings."""
 
     users: np.ndarray
@@ -42,14 +42,6 @@ class Examples:
     targets: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def take(self, index: np.ndarray) -> Examples:
-        return Examples(
-            *(a[index] for a in (self.users, self.items, self.targets, self.labels, self.offsets))
-        )
 
     @classmethod
     def concat(cls, parts: Sequence[Examples]) -> Examples:
@@ -112,17 +104,11 @@ def event_tasks(config: PredictorConfig) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Lists:
+class Lists(Columns):
     """Ranking lists: per list a user, its positive item (column 0 of ``items``) and sampled negatives."""
 
     users: np.ndarray
     items: np.ndarray  # (lists, list_size) of item ids
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def take(self, index: np.ndarray) -> Lists:
-        return Lists(self.users[index], self.items[index])
 
 
 def make_lists(
@@ -168,12 +154,6 @@ def oof_offsets(examples: Examples, folds: int, seed: int) -> tuple[np.ndarray, 
         part = Biases.fit(users[rest], items[rest], values[rest], seed=seed)
         offsets[rated[held]] = part.predict(users[held], items[held])
     return offsets, full
-
-
-def _sample(examples: Examples, limit: int | None, rng: np.random.Generator) -> Examples:
-    if limit is None or len(examples) <= limit:
-        return examples.take(rng.permutation(len(examples)))
-    return examples.take(rng.choice(len(examples), size=limit, replace=False))
 
 
 class _Batches:
@@ -308,12 +288,12 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
         held, cfg, rating_event=rating_event, catalogue_ids=catalogue_ids, seen=seen, seed=cfg.seed + 1000
     )
     valid_ex = valid_ex.take(np.flatnonzero(known(valid_ex.items))) if len(valid_ex) else valid_ex
-    valid_ex = _sample(valid_ex, cfg.eval_examples, rng)
+    valid_ex = valid_ex.sample(cfg.eval_examples, rng)
     train_lists = valid_lists = None
     if LISTNET in weights:
         train_lists = make_lists(train, catalogue_ids, seen, cfg.list_size, cfg.seed + 2000)
-        valid_lists = _sample_lists(
-            make_lists(held, catalogue_ids, seen, cfg.list_size, cfg.seed + 3000), cfg.eval_lists, rng
+        valid_lists = make_lists(held, catalogue_ids, seen, cfg.list_size, cfg.seed + 3000).sample(
+            cfg.eval_lists, rng
         )
     if not len(train_ex) and not (train_lists is not None and len(train_lists)):
         raise NotFoundError(
@@ -376,8 +356,8 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     timer = time.perf_counter()
     start_losses = validate()
     eval_seconds = time.perf_counter() - timer
-    epoch_ex = _sample(train_ex, cfg.max_train_examples, rng)
-    epoch_lists = _sample_lists(train_lists, cfg.max_train_examples, rng) if train_lists is not None else None
+    epoch_ex = train_ex.sample(cfg.max_train_examples, rng)
+    epoch_lists = train_lists.sample(cfg.max_train_examples, rng) if train_lists is not None else None
     # Size the run to the budget before the learning-rate schedule is fixed: two forward and backward passes
     # (no update) time a step, so warm-up and decay span the steps that will run, not the data's epochs.
     net.train()
@@ -424,10 +404,8 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
     loop_started = time.perf_counter()
     for epoch in range(cfg.epochs):
         if epoch:
-            epoch_ex = _sample(train_ex, cfg.max_train_examples, rng)
-            epoch_lists = (
-                _sample_lists(train_lists, cfg.max_train_examples, rng) if train_lists is not None else None
-            )
+            epoch_ex = train_ex.sample(cfg.max_train_examples, rng)
+            epoch_lists = train_lists.sample(cfg.max_train_examples, rng) if train_lists is not None else None
         for n in range(per_epoch):
             net.train()
             loss = batch_loss(n, epoch_ex, epoch_lists)
@@ -500,12 +478,6 @@ def fit_predictor(project: Project, split: str, *, progress: bool = False) -> di
         _fmt(best["losses"]),
     )
     return predictor.record
-
-
-def _sample_lists(lists: Lists, limit: int | None, rng: np.random.Generator) -> Lists:
-    if limit is None or len(lists) <= limit:
-        return lists.take(rng.permutation(len(lists)))
-    return lists.take(rng.choice(len(lists), size=limit, replace=False))
 
 
 def _seen(store: Any) -> dict[str, set[str]]:
