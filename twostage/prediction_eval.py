@@ -110,12 +110,34 @@ def _rated(outcomes: Outcomes, rating_event: str, known: Mapping[str, str]) -> O
     return rows.take(np.flatnonzero(keep))
 
 
-def _contexts(
-    predictor: Predictor, events: Mapping[str, list], titles: Mapping[str, str], users, skips
-) -> list[str]:
-    return render_contexts(
-        events, titles, users, skips, rating_event=predictor.rating_event, size=predictor.context_items
-    )
+@dataclass(frozen=True)
+class _HeldOut:
+    """What every head's evaluation reads: the model, the held-out events, each user's training-side events
+    (their contexts), every item each user touched (negatives are drawn outside it), the catalogue's texts and
+    titles, item popularity on the training side, and the catalogue's ids (negatives are drawn from them)."""
+
+    predictor: Predictor
+    held: Outcomes
+    events: Mapping[str, list]
+    seen: Mapping[str, set[str]]
+    texts: Mapping[str, str]
+    titles: Mapping[str, str]
+    popularity: Mapping[str, int]
+    catalogue_ids: np.ndarray
+
+    def predict(self, users, items, skips=None, *, progress: bool = False) -> dict[str, np.ndarray]:
+        """The predictor's outputs per (user, item), each context leaving out ``skips`` (default: the item)."""
+        contexts = render_contexts(
+            self.events,
+            self.titles,
+            users,
+            items if skips is None else skips,
+            rating_event=self.predictor.rating_event,
+            size=self.predictor.context_items,
+        )
+        return self.predictor.predict(
+            contexts, [self.texts[i] for i in items], users, items, progress=progress
+        )
 
 
 def evaluate_predictions(
@@ -142,6 +164,14 @@ def evaluate_predictions(
     train = train_outcomes(store, split)
     held = held_outcomes(store, split, part)
     events = user_events(train)
+    seen = {u: {i for i, _, _ in evs} for u, evs in events.items()}
+    for u, i in zip(held.users, held.items, strict=True):
+        seen.setdefault(u, set()).add(i)
+    popularity: dict[str, int] = {}
+    for i in train.items:
+        popularity[i] = popularity.get(i, 0) + 1
+    catalogue_ids = np.asarray(sorted(texts), dtype=object)
+    scoring = _HeldOut(predictor, held, events, seen, texts, titles, popularity, catalogue_ids)
     rng = np.random.default_rng(seed)
     run_id = store.new_run("eval-predict", {**config, "split": split, "part": part})
     out: dict[str, Any] = {"run_id": run_id, "split": split, "part": part, "rows": [], "comparisons": []}
@@ -170,11 +200,7 @@ def evaluate_predictions(
             if chosen:
                 settings[model.name] = chosen
         timer = time.perf_counter()
-        contexts = _contexts(predictor, events, titles, test.users, test.items)
-        predicted = predictor.predict(
-            contexts, [texts[i] for i in test.items], test.users, test.items, progress=progress
-        )
-        errors["predictor"] = predicted[RATING] - test.values
+        errors["predictor"] = scoring.predict(test.users, test.items, progress=progress)[RATING] - test.values
         seconds = time.perf_counter() - timer
         for name, err in errors.items():
             row = {
@@ -199,60 +225,20 @@ def evaluate_predictions(
             **{name: float(np.sqrt(np.mean(err[cold] ** 2))) for name, err in errors.items() if cold.any()},
         }
 
-    seen = {u: {i for i, _, _ in evs} for u, evs in events.items()}
-    for u, i in zip(held.users, held.items, strict=True):
-        seen.setdefault(u, set()).add(i)
-    catalogue_ids = np.asarray(sorted(texts), dtype=object)
-    popularity: dict[str, int] = {}
-    for i in train.items:
-        popularity[i] = popularity.get(i, 0) + 1
     if LISTNET in predictor.targets:
         _evaluate_lists(
-            predictor,
-            held,
-            events,
-            seen,
-            catalogue_ids,
-            texts,
-            titles,
-            popularity,
-            list_size=list_size,
-            n_lists=eval_lists,
-            seed=seed,
-            n_resamples=n_resamples,
-            into=out,
+            scoring, list_size=list_size, n_lists=eval_lists, seed=seed, n_resamples=n_resamples, into=out
         )
     for k, event in enumerate(t for t in predictor.targets if t not in (RATING, LISTNET)):
-        _evaluate_event(
-            predictor,
-            event,
-            held,
-            events,
-            seen,
-            catalogue_ids,
-            texts,
-            titles,
-            popularity,
-            negatives=negatives,
-            seed=seed + k,
-            n_resamples=n_resamples,
-            into=out,
-        )
+        _evaluate_event(scoring, event, negatives=negatives, seed=seed + k, n_resamples=n_resamples, into=out)
     store_metrics(store, run_id, out["rows"])
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
 
 def _evaluate_event(
-    predictor: Predictor,
+    scoring: _HeldOut,
     event: str,
-    held: Outcomes,
-    events,
-    seen,
-    catalogue_ids,
-    texts,
-    titles,
-    popularity,
     *,
     negatives: int,
     seed: int,
@@ -262,18 +248,17 @@ def _evaluate_event(
     """Append the event head's rows and its comparison with the base rate to ``into``."""
     from sklearn.metrics import roc_auc_score
 
-    pos = held.of(event)
-    pos = pos.take(np.flatnonzero([i in texts for i in pos.items]))
+    pos = scoring.held.of(event)
+    pos = pos.take(np.flatnonzero([i in scoring.texts for i in pos.items]))
     if not len(pos):
         return
-    neg_users, neg_items = sample_negatives(pos, catalogue_ids, seen, negatives, seed)
+    neg_users, neg_items = sample_negatives(pos, scoring.catalogue_ids, scoring.seen, negatives, seed)
     users = np.concatenate([pos.users, neg_users])
     items = np.concatenate([pos.items, neg_items])
     labels = np.concatenate([np.ones(len(pos)), np.zeros(len(neg_users))])
-    contexts = _contexts(predictor, events, titles, users, items)
-    p = np.clip(predictor.predict(contexts, [texts[i] for i in items], users, items)[event], 1e-7, 1 - 1e-7)
+    p = np.clip(scoring.predict(users, items)[event], 1e-7, 1 - 1e-7)
     base = np.full(len(p), len(pos) / len(p))
-    pop = np.log1p([popularity.get(i, 0) for i in items])
+    pop = np.log1p([scoring.popularity.get(i, 0) for i in items])
 
     def logloss(q: np.ndarray) -> np.ndarray:
         return -(labels * np.log(q) + (1 - labels) * np.log(1 - q))
@@ -300,14 +285,7 @@ def _evaluate_event(
 
 
 def _evaluate_lists(
-    predictor: Predictor,
-    held: Outcomes,
-    events,
-    seen,
-    catalogue_ids,
-    texts,
-    titles,
-    popularity,
+    scoring: _HeldOut,
     *,
     list_size: int,
     n_lists: int,
@@ -319,7 +297,7 @@ def _evaluate_lists(
     touched): nDCG@10 and reciprocal rank, beside item popularity on the same lists."""
     from twostage.train.predictor import make_lists
 
-    lists = make_lists(held, catalogue_ids, seen, list_size, seed + 3000)
+    lists = make_lists(scoring.held, scoring.catalogue_ids, scoring.seen, list_size, seed + 3000)
     if not len(lists):
         return
     rng = np.random.default_rng(seed)
@@ -328,11 +306,10 @@ def _evaluate_lists(
     users = np.repeat(lists.users, list_size)
     items = lists.items.reshape(-1)
     skips = np.repeat(lists.items[:, 0], list_size)
-    contexts = _contexts(predictor, events, titles, users, skips)
-    scores = predictor.predict(contexts, [texts[i] for i in items], users, items)[LISTNET].reshape(
+    scores = scoring.predict(users, items, skips)[LISTNET].reshape(-1, list_size)
+    pop = np.log1p(np.asarray([scoring.popularity.get(i, 0) for i in items], dtype=float)).reshape(
         -1, list_size
     )
-    pop = np.log1p(np.asarray([popularity.get(i, 0) for i in items], dtype=float)).reshape(-1, list_size)
 
     def per_list(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # rank of the positive (column 0); ties counted against it, so a constant scorer earns nothing
